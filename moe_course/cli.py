@@ -1,0 +1,83 @@
+"""The `moe-course` command: open the course, release it, test it.
+
+    moe-course lab              open the student notebooks in JupyterLab
+    moe-course release [--check]  regenerate notebooks/ from solutions/ (or verify it)
+    moe-course test [PYTEST ARGS]  the whole test suite (lint, doctests, notebooks, browser)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+from .release import course_root, release, release_differences
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _lab(args: argparse.Namespace) -> int:
+    root = course_root()
+    cmd = [sys.executable, "-m", "jupyterlab", str(root / args.folder)]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")  # Jupyter refuses root without it (containers, CI)
+    return subprocess.call(cmd + args.extra)
+
+
+def _release(args: argparse.Namespace) -> int:
+    if args.check:
+        diffs = release_differences()
+        for line in diffs:
+            print(line)
+        print("notebooks/ is up to date" if not diffs else
+              f"{len(diffs)} difference(s): run `moe-course release`")
+        return 1 if diffs else 0
+    for path in release():
+        print(path.relative_to(course_root()))
+    return 0
+
+
+def _ensure_chromium() -> None:
+    """The browser tests drive Debian's Chromium; install it with apt when we can."""
+    if os.path.exists(CHROMIUM):
+        return
+    apt = shutil.which("apt-get")
+    if apt and hasattr(os, "geteuid") and os.geteuid() == 0:
+        print("Chromium is missing: installing it with apt-get (for the browser tests)")
+        subprocess.run([apt, "update", "-qq"], check=False)
+        subprocess.run([apt, "install", "-y", "-qq", "chromium"], check=True)
+    else:
+        print(f"warning: {CHROMIUM} is missing and cannot be installed automatically; the "
+              "browser tests will fail until you run `sudo apt-get install -y chromium`",
+              file=sys.stderr)
+
+
+def _test(args: argparse.Namespace) -> int:
+    _ensure_chromium()
+    root = course_root()
+    return subprocess.call([sys.executable, "-m", "pytest", *args.pytest_args], cwd=root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe-course", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    lab = sub.add_parser("lab", help="open the course in JupyterLab")
+    lab.add_argument("--folder", default="notebooks", help="notebooks (default) or solutions")
+    lab.add_argument("extra", nargs=argparse.REMAINDER, help="passed on to jupyter lab")
+    lab.set_defaults(func=_lab)
+    rel = sub.add_parser("release", help="regenerate notebooks/ from solutions/ with nbgrader")
+    rel.add_argument("--check", action="store_true",
+                     help="only verify that notebooks/ equals a fresh release")
+    rel.set_defaults(func=_release)
+    test = sub.add_parser("test", help="run the whole test suite")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest")
+    test.set_defaults(func=_test)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
