@@ -1,0 +1,89 @@
+"""The exercise registry matches CURRICULUM.md, notebooks 01-05: ids, symbols, points."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import moe_course
+from moe_course.grading import EXERCISES, Exercise, Probe, exercises_for
+
+# (grade_id, assignment, symbol, points, kind), in notebook order, copied from CURRICULUM.md.
+CURRICULUM = [
+    ("ex01_expert", "01_experts_and_gating", "Expert", 2, "class"),
+    ("ex01_softmax_gate", "01_experts_and_gating", "softmax_gate", 1, "function"),
+    ("ex01_dense_moe", "01_experts_and_gating", "dense_moe", 2, "function"),
+    ("ex01_written", "01_experts_and_gating", None, 1, "written"),
+    ("ex02_top_k_gating", "02_top_k_routing", "top_k_gating", 2, "function"),
+    ("ex02_noisy_logits", "02_top_k_routing", "noisy_logits", 2, "function"),
+    ("ex02_sparse_moe", "02_top_k_routing", "sparse_moe", 3, "function"),
+    ("ex02_moe_flops", "02_top_k_routing", "moe_flops", 1, "function"),
+    ("ex02_written", "02_top_k_routing", None, 1, "written"),
+    ("ex03_cv_squared", "03_load_balancing", "cv_squared", 1, "function"),
+    ("ex03_importance_loss", "03_load_balancing", "importance_loss", 1, "function"),
+    ("ex03_load_loss", "03_load_balancing", "load_loss", 2, "function"),
+    ("ex03_switch_aux_loss", "03_load_balancing", "switch_aux_loss", 2, "function"),
+    ("ex03_router_z_loss", "03_load_balancing", "router_z_loss", 1, "function"),
+    ("ex03_expert_capacity", "03_load_balancing", "expert_capacity", 1, "function"),
+    ("ex03_capacity_positions", "03_load_balancing", "capacity_positions", 2, "function"),
+    ("ex03_apply_capacity", "03_load_balancing", "apply_capacity", 2, "function"),
+    ("ex04_expert_choice_capacity", "04_expert_choice", "expert_choice_capacity", 1,
+     "function"),
+    ("ex04_expert_choice_routing", "04_expert_choice", "expert_choice_routing", 2, "function"),
+    ("ex04_expert_choice_moe", "04_expert_choice", "expert_choice_moe", 3, "function"),
+    ("ex04_experts_per_token", "04_expert_choice", "experts_per_token", 1, "function"),
+    ("ex04_written", "04_expert_choice", None, 2, "written"),
+    ("ex05_moe_feed_forward", "05_moe_transformer", "MoEFeedForward", 3, "class"),
+    ("ex05_moe_lm_loss", "05_moe_transformer", "moe_lm_loss", 1, "function"),
+    ("ex05_written", "05_moe_transformer", None, 2, "written"),
+]
+POINTS = {"01_experts_and_gating": 6, "02_top_k_routing": 9, "03_load_balancing": 12,
+          "04_expert_choice": 9, "05_moe_transformer": 6}
+
+
+def test_registry_is_the_curriculum_table():
+    got = [(ex.grade_id, ex.assignment, ex.symbol, ex.points, ex.kind)
+           for ex in EXERCISES.values()]
+    assert got == CURRICULUM
+
+
+@pytest.mark.parametrize("assignment", sorted(POINTS))
+def test_exercises_for_lists_an_assignment_in_order(assignment):
+    exercises = exercises_for(assignment)
+    assert [ex.grade_id for ex in exercises] == [row[0] for row in CURRICULUM
+                                                 if row[1] == assignment]
+    assert sum(ex.points for ex in exercises) == POINTS[assignment]
+
+
+def test_unknown_assignment_is_refused():
+    with pytest.raises(ValueError, match="no assignment '09_nothing'"):
+        exercises_for("09_nothing")
+
+
+@pytest.mark.parametrize("grade_id", [row[0] for row in CURRICULUM])
+def test_entry_is_consistent(grade_id):
+    ex = EXERCISES[grade_id]
+    assert ex.grade_id.startswith("ex" + ex.assignment[:2] + "_")
+    assert ex.tests_id == grade_id + "_tests"
+    if ex.kind == "written":
+        assert ex.reference is None and ex.visible == () and ex.hidden == ()
+        return
+    # The reference is moe_course's public object of the learner's name.
+    assert ex.reference is getattr(moe_course, ex.symbol)
+    assert ex.symbol in moe_course.__all__
+    assert (ex.kind == "class") == isinstance(ex.reference, type)
+    assert ex.visible and ex.hidden
+    assert all(isinstance(p, Probe) for p in ex.visible + ex.hidden)
+    names = [p.name for p in ex.visible + ex.hidden]
+    assert len(names) == len(set(names))
+
+
+def test_exercise_is_frozen_and_validates_its_kind():
+    ex = EXERCISES["ex02_top_k_gating"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ex.points = 5  # type: ignore[misc]
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Exercise("ex09_x", "09_x", "x", 1, None, kind="essay")
+    with pytest.raises(KeyError, match="no probe 'nope'"):
+        ex.probe("nope")
