@@ -16,13 +16,24 @@ the exercises.
 """
 
 from .capacity import Capacity, apply_capacity, capacity_positions, expert_capacity
-from .expert_choice import (ExpertChoice, expert_choice_capacity, expert_choice_moe,
-                            expert_choice_routing, experts_per_token)
+from .expert_choice import (
+    ExpertChoice,
+    expert_choice_capacity,
+    expert_choice_moe,
+    expert_choice_routing,
+    experts_per_token,
+)
 from .experts import Expert, SwiGLUExpert
 from .gating import TopK, noisy_logits, softmax_gate, top_k_gating
 from .layers import MoEFeedForward, MoEOutput, TokenChoice
-from .losses import (cv_squared, importance_loss, load_loss, moe_lm_loss, router_z_loss,
-                     switch_aux_loss)
+from .losses import (
+    cv_squared,
+    importance_loss,
+    load_loss,
+    moe_lm_loss,
+    router_z_loss,
+    switch_aux_loss,
+)
 from .routing import DenseMoE, dense_moe, moe_flops, sparse_moe
 
 __version__ = "0.1.0"

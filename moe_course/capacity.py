@@ -60,7 +60,7 @@ def capacity_positions(indices: Tensor, n_experts: int) -> Tensor:
     e = positive_int("n_experts", n_experts)
     index_tensor("indices", indices, ndim=2, shape_hint="(T, K)", upper=e)
     t, k = indices.shape
-    by_rank = indices.t().reshape(-1)  # (K*T,) choice-major: all first choices first
+    by_rank = indices.long().t().reshape(-1)  # (K*T,) choice-major: all first choices first
     one_hot = F.one_hot(by_rank, e)  # (K*T, E)
     position = (one_hot.cumsum(0) - 1).gather(1, by_rank[:, None]).squeeze(1)  # (K*T,)
     return position.reshape(k, t).t()  # (T, K)

@@ -18,8 +18,14 @@ from torch import Tensor
 
 from .capacity import _exact
 from .routing import ExpertFn
-from .validation import (experts_list, float_tensor, index_tensor, positive_float,
-                         positive_int, same_shape)
+from .validation import (
+    experts_list,
+    float_tensor,
+    index_tensor,
+    positive_float,
+    positive_int,
+    same_shape,
+)
 
 
 def expert_choice_capacity(n_tokens: int, n_experts: int, capacity_factor: float) -> int:
@@ -82,10 +88,11 @@ def expert_choice_moe(x: Tensor, experts: Sequence[ExpertFn], gates: Tensor,
     if gates.shape[0] != n_experts:
         raise ValueError(f"gates must be (E, C) with E = len(experts) = {n_experts}; got shape "
                          f"{tuple(gates.shape)}")
+    token_idx = token_idx.long()  # a uint8 index would be read as a boolean mask
     y = x.new_zeros(x.shape)  # (T, D)
     for e, expert in enumerate(experts):
         out = expert(x[token_idx[e]])  # (C, D)
-        y = y.index_add(0, token_idx[e], gates[e, :, None] * out)  # (T, D)
+        y = y.index_add(0, token_idx[e], (gates[e, :, None] * out).to(y.dtype))  # (T, D)
     return y
 
 

@@ -1,7 +1,7 @@
 """Gating: turning router logits `(T, E)` into weights over experts.
 
 - `softmax_gate`: the dense gate of the original mixture of experts (Jacobs et al. 1991),
-  `G(x) = softmax(x W_g)`, eq. 3 of Shazeer et al. 2017 (arXiv 1701.06538) before any
+  `G(x) = softmax(x W_g)`, eq. 2 of Shazeer et al. 2017 (arXiv 1701.06538) before any
   sparsity.
 - `top_k_gating`: Shazeer et al.'s `softmax(KeepTopK(H(x), k))` (eq. 3 and 5), returned as the
   `K` kept weights and their expert indices rather than as a mostly-zero `(T, E)` matrix.

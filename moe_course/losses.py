@@ -34,6 +34,8 @@ def cv_squared(v: Tensor) -> Tensor:
     tensor(1.)
     """
     float_tensor("v", v, ndim=1, shape_hint="(E,)")
+    if v.numel() == 0:
+        raise ValueError("v must have at least one element (E,); got shape (0,)")
     if v.numel() == 1:
         return v.new_zeros(())
     return v.var(correction=0) / (v.mean() ** 2 + EPS)
@@ -89,8 +91,13 @@ def load_loss(clean_logits: Tensor, noisy_logits: Tensor, noise_std: Tensor, k: 
     kth, next_ = _kth_excluding(noisy_logits, k)  # (T, 1), (T, 1)
     in_top_k = noisy_logits > next_  # (T, E): i beats the (k+1)-th, so it is in the top k
     threshold = torch.where(in_top_k, next_, kth)  # (T, E) kth_excluding(H(x), k, i), eq. 9
+    # With k = E there is no k-th other logit: P = 1. Keep -inf out of the division, whose
+    # gradient would be 0 * inf = NaN for noise_std.
+    finite = torch.isfinite(threshold)  # (T, E)
+    safe = torch.where(finite, threshold, clean_logits.detach())  # (T, E)
     normal = torch.distributions.Normal(0.0, 1.0)
-    prob = normal.cdf((clean_logits - threshold) / noise_std)  # (T, E) P(x, i), eq. 9
+    cdf = normal.cdf((clean_logits - safe) / noise_std)  # (T, E) P(x, i), eq. 9
+    prob = torch.where(finite, cdf, torch.ones_like(cdf))  # (T, E)
     return w_load * cv_squared(prob.sum(0))  # eq. 10-11
 
 
@@ -112,7 +119,10 @@ def switch_aux_loss(router_probs: Tensor, indices: Tensor) -> Tensor:
     if indices.shape[0] != t:
         raise ValueError(f"indices must be (T, K) with T = router_probs.shape[0] = {t}; got "
                          f"shape {tuple(indices.shape)}")
-    counts = F.one_hot(indices, e).sum(dim=(0, 1))  # (E,)
+    if indices.numel() == 0:
+        raise ValueError(f"indices must hold at least one assignment, (T, K) with T, K >= 1; "
+                         f"got shape {tuple(indices.shape)}")
+    counts = F.one_hot(indices.long(), e).sum(dim=(0, 1))  # (E,)
     f = counts.to(router_probs.dtype) / indices.numel()  # (E,) eq. 5, share of T*K
     p = router_probs.mean(0)  # (E,) eq. 6
     return e * (f * p).sum()  # eq. 4 with alpha = 1
@@ -159,7 +169,7 @@ def moe_lm_loss(logits: Tensor, targets: Tensor, aux_losses: Sequence[Any],
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"targets must have shape logits.shape[:-1] = "
                          f"{tuple(logits.shape[:-1])}; got {tuple(targets.shape)}")
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
     pairs = [_aux_and_z(item, i) for i, item in enumerate(aux_losses)]
     aux = sum((a for a, _ in pairs), logits.new_zeros(()))
     z = sum((z for _, z in pairs), logits.new_zeros(()))

@@ -32,7 +32,7 @@ class DenseMoE(NamedTuple):
 def dense_moe(x: Tensor, experts: Sequence[ExpertFn], w_gate: Tensor) -> DenseMoE:
     """`y = sum_e gates[:, e] * experts[e](x)` with `gates = softmax(x @ w_gate)`.
 
-    Shazeer et al. 2017 eq. 1 with the dense gate of eq. 3 (no KeepTopK); every expert
+    Shazeer et al. 2017 eq. 1 with the dense gate of eq. 2 (no KeepTopK); every expert
     computes every token, so the cost grows linearly with `E`.
 
     >>> experts = [lambda x: x, lambda x: -x]
@@ -79,7 +79,7 @@ def sparse_moe(x: Tensor, experts: Sequence[ExpertFn], weights: Tensor,
         if token.numel() == 0:
             continue
         out = expert(x[token])  # (n_e, D)
-        y = y.index_add(0, token, weights[token, slot, None] * out)  # (T, D)
+        y = y.index_add(0, token, (weights[token, slot, None] * out).to(y.dtype))  # (T, D)
     return y
 
 

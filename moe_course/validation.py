@@ -40,7 +40,8 @@ def index_tensor(name: str, t: object, ndim: int | None = None, shape_hint: str 
                  upper: int | None = None) -> Tensor:
     """Require an integer tensor of rank `ndim` whose values lie in `[0, upper)`."""
     hint = f" {shape_hint}" if shape_hint else ""
-    if not isinstance(t, Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+    if (not isinstance(t, Tensor) or t.is_floating_point() or t.is_complex()
+            or t.dtype == torch.bool):
         raise ValueError(f"{name} must be an integer tensor{hint}; got {_describe(t)}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions{hint}; got {_describe(t)}")
