@@ -42,7 +42,7 @@ def _jupyter_env(tmp: Path) -> dict[str, str]:
         env[key] = str(tmp / "jupyter" / sub)
         (tmp / "jupyter" / sub).mkdir(parents=True, exist_ok=True)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["MPLBACKEND"] = "Agg"
+    env.pop("MPLBACKEND", None)  # the kernel's inline backend, so figures land in outputs
     env.pop("NBGRADER_EXECUTION", None)
     return env
 
@@ -50,7 +50,8 @@ def _jupyter_env(tmp: Path) -> dict[str, str]:
 def _cells(nb: nbformat.NotebookNode) -> list[tuple[str, str, dict]]:
     out = []
     for cell in nb.cells:
-        meta = {k: v for k, v in cell.metadata.items() if k not in ("jupytext", "lines_to_next_cell")}
+        meta = {k: v for k, v in cell.metadata.items()
+                if k not in ("jupytext", "lines_to_next_cell")}
         out.append((cell.cell_type, cell.source.strip(), meta))
     return out
 
@@ -91,9 +92,10 @@ def test_solution_runs_top_to_bottom_and_validates(
 
     env = _jupyter_env(tmp_path)
     for key in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR",
-                "MPLCONFIGDIR", "MPLBACKEND", "PATH"):
+                "MPLCONFIGDIR", "PATH"):
         monkeypatch.setenv(key, env[key])
     monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+    monkeypatch.delenv("MPLBACKEND", raising=False)
     source = _notebook("solutions", assignment)
     nb = nbformat.read(source, as_version=4)
     start = time.perf_counter()
