@@ -43,6 +43,9 @@ def _jupyter_env(tmp: Path) -> dict[str, str]:
         (tmp / "jupyter" / sub).mkdir(parents=True, exist_ok=True)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.pop("MPLBACKEND", None)  # the kernel's inline backend, so figures land in outputs
+    # One torch thread per kernel: kernels run beside pytest-xdist workers on few cores, and
+    # oversubscribed OpenMP threads spin-wait each other into 10-100x slowdowns.
+    env["OMP_NUM_THREADS"] = "1"
     env.pop("NBGRADER_EXECUTION", None)
     return env
 
@@ -92,7 +95,7 @@ def test_solution_runs_top_to_bottom_and_validates(
 
     env = _jupyter_env(tmp_path)
     for key in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR",
-                "MPLCONFIGDIR", "PATH"):
+                "MPLCONFIGDIR", "PATH", "OMP_NUM_THREADS"):
         monkeypatch.setenv(key, env[key])
     monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
     monkeypatch.delenv("MPLBACKEND", raising=False)
