@@ -3,6 +3,7 @@
     moe-course lab              open the student notebooks in JupyterLab
     moe-course release [--check]  regenerate notebooks/ from solutions/ (or verify it)
     moe-course test [PYTEST ARGS]  the whole test suite (lint, doctests, notebooks, browser)
+    moe-course grade PATH... --out DIR  grade submissions with the pytest grader (--help)
 """
 
 from __future__ import annotations
@@ -57,10 +58,23 @@ def _ensure_chromium() -> None:
 def _test(args: argparse.Namespace) -> int:
     _ensure_chromium()
     root = course_root()
-    return subprocess.call([sys.executable, "-m", "pytest", *args.pytest_args], cwd=root)
+    extra = list(args.pytest_args)
+    if not any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in extra):
+        # One worker per core; tests that share an nbgrader course stay on one worker.
+        extra = ["-n", "auto", "--dist", "loadgroup", *extra]
+    return subprocess.call([sys.executable, "-m", "pytest", *extra], cwd=root)
+
+
+def _grade(argv: list[str]) -> int:
+    from .grading.grade import main as grade_main
+
+    return grade_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["grade"]:  # it parses its own options, --help included
+        return _grade(argv[1:])
     parser = argparse.ArgumentParser(prog="moe-course", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     test = sub.add_parser("test", help="run the whole test suite")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest")
     test.set_defaults(func=_test)
+    sub.add_parser("grade", help="grade submitted notebooks with the pytest grader")
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -199,6 +199,7 @@ def course(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "expected": expected, "csv": tmp / "grades.csv"}
 
 
+@pytest.mark.xdist_group("nbgrader_course")
 def test_autograde_gives_each_exercise_exactly_its_points(course: dict) -> None:
     from nbgrader.api import Gradebook
 
@@ -209,6 +210,7 @@ def test_autograde_gives_each_exercise_exactly_its_points(course: dict) -> None:
             assert grade.score == points, (student, assignment, test_id, grade.score, points)
 
 
+@pytest.mark.xdist_group("nbgrader_course")
 def test_feedback_holds_no_hidden_test_source(course: dict) -> None:
     pages = sorted((course["root"] / "feedback").rglob("*.html"))
     assert len(pages) == 3 * len(ASSIGNMENTS)
@@ -217,6 +219,7 @@ def test_feedback_holds_no_hidden_test_source(course: dict) -> None:
         assert "hidden=True" not in text and "BEGIN HIDDEN TESTS" not in text, page
 
 
+@pytest.mark.xdist_group("nbgrader_course")
 def test_export_csv_has_expected_totals(course: dict) -> None:
     totals: dict[tuple[str, str], float] = {}
     for (student, assignment, _), points in course["expected"].items():
