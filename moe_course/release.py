@@ -79,6 +79,18 @@ def release(root: Path | None = None, names: list[str] | None = None) -> list[Pa
     return sorted(p for name in names for p in (target / name).rglob("*") if p.is_file())
 
 
+def _committed(root: Path) -> set[Path]:
+    """The release files under version control (a learner's run of a notebook in place
+    leaves modules and caches beside it, which are not part of the release)."""
+    folder = root / "notebooks"
+    listed = subprocess.run(["git", "ls-files", "-z", "--", "notebooks"], cwd=root,
+                            capture_output=True, text=True)
+    if listed.returncode == 0:
+        return {Path(p).relative_to("notebooks") for p in listed.stdout.split("\0") if p}
+    return {p.relative_to(folder) for p in folder.rglob("*")
+            if p.is_file() and ".ipynb_checkpoints" not in p.parts}
+
+
 def release_differences(root: Path | None = None) -> list[str]:
     """Files where the committed `notebooks/` differs from a fresh regeneration."""
     root = root or course_root()
@@ -87,8 +99,7 @@ def release_differences(root: Path | None = None) -> list[str]:
         staged = Path(tmp) / "release"
         _generate(root, staged, names)
         fresh = {p.relative_to(staged) for p in staged.rglob("*") if p.is_file()}
-        committed = {p.relative_to(root / "notebooks") for p in (root / "notebooks").rglob("*")
-                     if p.is_file() and ".ipynb_checkpoints" not in p.parts}
+        committed = _committed(root)
         diffs = [f"missing from notebooks/: {p}" for p in sorted(fresh - committed)]
         diffs += [f"not generated from solutions/: {p}" for p in sorted(committed - fresh)]
         diffs += [f"differs from a fresh release: {p}" for p in sorted(fresh & committed)

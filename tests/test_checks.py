@@ -53,7 +53,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-GRADED = sorted(gid for gid, ex in EXERCISES.items() if ex.kind != "written")
+GRADED = sorted(g for g, ex in EXERCISES.items() if ex.kind != "written" and int(g[2:4]) <= 5)
 SQRT2 = math.sqrt(2.0)
 
 
