@@ -5,6 +5,9 @@ The course is its own nbgrader course directory: `solutions/` holds the source n
 `moe-course release` regenerates through nbgrader's own `generate_assignment`.
 """
 
+from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
+from nbgrader.preprocessors import ClearHiddenTests, GetGrades
+
 c = get_config()  # noqa: F821  (injected by traitlets when nbgrader loads this file)
 
 c.CourseDirectory.course_id = "moe_course"
@@ -17,6 +20,10 @@ c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedb
 c.Execute.timeout = 300
 # A kernel that ignores KeyboardInterrupt must not wedge a whole autograde run.
 c.Execute.interrupt_on_timeout = True
+
+# nbgrader 0.9's feedback shows the autograded notebook, hidden tests included: strip them,
+# so that learners see which hidden checks passed (their output) but never their source.
+c.GenerateFeedback.preprocessors = [GetGrades, CSSHTMLHeaderPreprocessor, ClearHiddenTests]
 
 # Hidden tests and solutions use nbgrader's default delimiters.
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}

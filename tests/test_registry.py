@@ -1,4 +1,4 @@
-"""The exercise registry matches CURRICULUM.md, notebooks 01-05: ids, symbols, points."""
+"""The exercise registry matches CURRICULUM.md, notebooks 01-07: ids, symbols, points."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 import moe_course
+import moe_course.parallel
 from moe_course.grading import EXERCISES, Exercise, Probe, exercises_for
 
 # (grade_id, assignment, symbol, points, kind), in notebook order, copied from CURRICULUM.md.
@@ -37,9 +38,21 @@ CURRICULUM = [
     ("ex05_moe_feed_forward", "05_moe_transformer", "MoEFeedForward", 3, "class"),
     ("ex05_moe_lm_loss", "05_moe_transformer", "moe_lm_loss", 1, "function"),
     ("ex05_written", "05_moe_transformer", None, 2, "written"),
+    ("ex06_send_counts", "06_expert_parallelism", "send_counts", 2, "function"),
+    ("ex06_permute_for_all_to_all", "06_expert_parallelism", "permute_for_all_to_all", 2,
+     "function"),
+    ("ex06_expert_parallel_forward", "06_expert_parallelism", "expert_parallel_forward", 3,
+     "function"),
+    ("ex07_shared_expert_moe", "07_modern_moe", "shared_expert_moe", 2, "function"),
+    ("ex07_aux_free_bias_update", "07_modern_moe", "aux_free_bias_update", 2, "function"),
+    ("ex07_soft_moe", "07_modern_moe", "soft_moe", 3, "function"),
+    ("ex07_sort_by_expert", "07_modern_moe", "sort_by_expert", 2, "function"),
 ]
 POINTS = {"01_experts_and_gating": 6, "02_top_k_routing": 9, "03_load_balancing": 12,
-          "04_expert_choice": 9, "05_moe_transformer": 6}
+          "04_expert_choice": 9, "05_moe_transformer": 6, "06_expert_parallelism": 7,
+          "07_modern_moe": 9}
+# Where each assignment's references live: the package top level, or its own module.
+HOME = {"06_expert_parallelism": moe_course.parallel}
 
 
 def test_registry_is_the_curriculum_table():
@@ -70,8 +83,9 @@ def test_entry_is_consistent(grade_id):
         assert ex.reference is None and ex.visible == () and ex.hidden == ()
         return
     # The reference is moe_course's public object of the learner's name.
-    assert ex.reference is getattr(moe_course, ex.symbol)
-    assert ex.symbol in moe_course.__all__
+    home = HOME.get(ex.assignment, moe_course)
+    assert ex.reference is getattr(home, ex.symbol)
+    assert ex.symbol in home.__all__
     assert (ex.kind == "class") == isinstance(ex.reference, type)
     assert ex.visible and ex.hidden
     assert all(isinstance(p, Probe) for p in ex.visible + ex.hidden)

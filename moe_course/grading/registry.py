@@ -1,4 +1,4 @@
-"""The exercise registry: one entry per exercise of CURRICULUM.md, notebooks 01-05.
+"""The exercise registry: one entry per exercise of CURRICULUM.md, notebooks 01-07.
 
 Each entry is the single source of truth for an exercise: the answer cell's `grade_id`
 (its tests cell is `grade_id + "_tests"`), the assignment, the learner's symbol, the points,
@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .. import capacity, expert_choice, experts, gating, layers, losses, routing
+from .. import capacity, expert_choice, experts, gating, layers, losses, modern, parallel, routing
 from . import expert_choice as ec
+from . import expert_parallelism as ep
 from . import experts_and_gating as eg
 from . import load_balancing as lb
+from . import modern_moe as mm
 from . import moe_transformer as mt
 from . import top_k_routing as tk
 from .probe import Probe
@@ -60,7 +62,8 @@ def _written(grade_id: str, assignment: str, points: int) -> Exercise:
 
 
 _NB01, _NB02, _NB03 = "01_experts_and_gating", "02_top_k_routing", "03_load_balancing"
-_NB04, _NB05 = "04_expert_choice", "05_moe_transformer"
+_NB04, _NB05, _NB06 = "04_expert_choice", "05_moe_transformer", "06_expert_parallelism"
+_NB07 = "07_modern_moe"
 
 _ALL = (
     Exercise("ex01_expert", _NB01, "Expert", 2, experts.Expert,
@@ -112,6 +115,22 @@ _ALL = (
     Exercise("ex05_moe_lm_loss", _NB05, "moe_lm_loss", 1, losses.moe_lm_loss,
              mt.VISIBLE_MOE_LM_LOSS, mt.HIDDEN_MOE_LM_LOSS),
     _written("ex05_written", _NB05, 2),
+    Exercise("ex06_send_counts", _NB06, "send_counts", 2, parallel.send_counts,
+             ep.VISIBLE_SEND_COUNTS, ep.HIDDEN_SEND_COUNTS),
+    Exercise("ex06_permute_for_all_to_all", _NB06, "permute_for_all_to_all", 2,
+             parallel.permute_for_all_to_all, ep.VISIBLE_PERMUTE, ep.HIDDEN_PERMUTE),
+    Exercise("ex06_expert_parallel_forward", _NB06, "expert_parallel_forward", 3,
+             parallel.expert_parallel_forward, ep.VISIBLE_EXPERT_PARALLEL,
+             ep.HIDDEN_EXPERT_PARALLEL),
+    Exercise("ex07_shared_expert_moe", _NB07, "shared_expert_moe", 2, modern.shared_expert_moe,
+             mm.VISIBLE_SHARED_EXPERT_MOE, mm.HIDDEN_SHARED_EXPERT_MOE),
+    Exercise("ex07_aux_free_bias_update", _NB07, "aux_free_bias_update", 2,
+             modern.aux_free_bias_update, mm.VISIBLE_AUX_FREE_BIAS_UPDATE,
+             mm.HIDDEN_AUX_FREE_BIAS_UPDATE),
+    Exercise("ex07_soft_moe", _NB07, "soft_moe", 3, modern.soft_moe,
+             mm.VISIBLE_SOFT_MOE, mm.HIDDEN_SOFT_MOE),
+    Exercise("ex07_sort_by_expert", _NB07, "sort_by_expert", 2, modern.sort_by_expert,
+             mm.VISIBLE_SORT_BY_EXPERT, mm.HIDDEN_SORT_BY_EXPERT),
 )
 
 EXERCISES: dict[str, Exercise] = {ex.grade_id: ex for ex in _ALL}

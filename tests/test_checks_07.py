@@ -1,0 +1,613 @@
+"""The teaching checks of notebook 07 (modern mixtures) must be able to fail, and fail
+helpfully.
+
+Correct implementations written differently from the reference pass the visible and hidden
+checks silently; each planted mistake fails with its own message (never the generic
+fallback); calling the reference (directly, through an alias, wrapped, swallowing the
+tripwire) fails with "implement it yourself"; stubs and wrong return types fail with a
+message; inputs are deterministic, plain and tie-free; outputs survive
+`torch.load(weights_only=True)`, and a judge refuses missing or truncated outputs.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moe_course
+from moe_course.grading import EXERCISES, CheckFailure, check, judge_probe, run_probe
+from moe_course.grading.inputs import MARGIN
+from moe_course.modern import aux_free_bias_update as _alias_bias_update
+from moe_course.modern import shared_expert_moe as _alias_shared
+from moe_course.modern import soft_moe as _alias_soft
+from moe_course.modern import sort_by_expert as _alias_sort
+
+GRADED = sorted(gid for gid, ex in EXERCISES.items() if ex.assignment == "07_modern_moe")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fails(grade_id: str, obj: Any, hidden: bool | None = None) -> str:
+    """Run the visible (and hidden) checks; return the first failure's message."""
+    for h in ((False, True) if hidden is None else (hidden,)):
+        try:
+            check(grade_id, obj, hidden=h)
+        except CheckFailure as failure:
+            return failure.message
+    raise AssertionError(f"{grade_id}: {obj!r} passed every check")
+
+
+# ========================================================================================
+# Correct implementations, each written differently from the reference.
+
+
+def shared_masks(x, shared_experts, routed_experts, w_gate, k):  # masks, no sparse_moe
+    probs = torch.exp(x @ w_gate - torch.logsumexp(x @ w_gate, dim=-1, keepdim=True))
+    order = torch.argsort(probs, dim=-1, descending=True)[:, :k]
+    weights = probs.gather(1, order)
+    y = torch.zeros_like(x)
+    if len(shared_experts):
+        y = y + torch.stack([f(x) for f in shared_experts]).sum(0)
+    for e, expert in enumerate(routed_experts):
+        hit = order == e
+        rows = hit.any(-1).nonzero().flatten()
+        if rows.numel():
+            y = y.index_add(0, rows, (weights * hit)[rows].sum(-1, keepdim=True)
+                            * expert(x[rows]))
+    return y, weights, order
+
+
+def shared_with_other_references(x, shared_experts, routed_experts, w_gate, k):
+    probs = moe_course.softmax_gate(x, w_gate)  # notebook 01's reference: fine to use
+    weights, indices = probs.topk(k, dim=-1)
+    y = moe_course.sparse_moe(x, routed_experts, weights, indices)  # notebook 02's: fine
+    for f in shared_experts:
+        y = y + f(x)
+    return (y, weights, indices)
+
+
+def bias_loop(bias, expert_counts, gamma):
+    mean = float(expert_counts.double().mean())
+    steps = [gamma if float(c) < mean else -gamma if float(c) > mean else 0.0
+             for c in expert_counts]
+    return bias + torch.tensor(steps, dtype=bias.dtype)
+
+
+def bias_where(bias, expert_counts, gamma):
+    c = expert_counts.double()
+    up = (c < c.mean()).to(bias.dtype)
+    down = (c > c.mean()).to(bias.dtype)
+    return bias + gamma * (up - down)
+
+
+def soft_einsum(x, experts, phi, slots_per_expert):  # explicit exp, einsum
+    logits = torch.einsum("td,ds->ts", x, phi)
+    z = torch.exp(logits - logits.max())
+    dispatch = z / z.sum(0, keepdim=True)
+    combine = z / z.sum(1, keepdim=True)
+    slots = torch.einsum("ts,td->sd", dispatch, x)
+    c = slots_per_expert
+    outs = torch.cat([ex(slots[e * c : e * c + c]) for e, ex in enumerate(experts)])
+    return torch.einsum("ts,sd->td", combine, outs), dispatch, combine
+
+
+def soft_reshape(x, experts, phi, slots_per_expert):  # (E, C, D) view of the slots
+    logits = x @ phi
+    dispatch, combine = F.softmax(logits, dim=0), F.softmax(logits, dim=-1)
+    slots = (dispatch.T @ x).reshape(len(experts), slots_per_expert, -1)
+    outs = torch.stack([ex(s) for ex, s in zip(experts, slots, strict=True)]).flatten(0, 1)
+    return [combine @ outs, dispatch, combine]
+
+
+def sort_loop(indices, n_experts):
+    flat = indices.reshape(-1).tolist()
+    order = [i for e in range(n_experts) for i, v in enumerate(flat) if v == e]
+    return torch.tensor(order), torch.tensor([flat.count(e) for e in range(n_experts)])
+
+
+def sort_keys(indices, n_experts):  # unique keys: any sort is then stable
+    flat = indices.reshape(-1)
+    n = flat.numel()
+    order = torch.argsort(flat * n + torch.arange(n))
+    return order, F.one_hot(flat, n_experts).sum(0)
+
+
+CORRECT: dict[str, list[Any]] = {
+    "ex07_shared_expert_moe": [shared_masks, shared_with_other_references],
+    "ex07_aux_free_bias_update": [bias_loop, bias_where],
+    "ex07_soft_moe": [soft_einsum, soft_reshape],
+    "ex07_sort_by_expert": [sort_loop, sort_keys],
+}
+
+
+def test_every_graded_exercise_has_a_correct_implementation():
+    assert GRADED == sorted(CORRECT)
+    assert len(GRADED) == 4
+
+
+@pytest.mark.parametrize("grade_id", sorted(CORRECT))
+def test_correct_implementation_passes_silently(grade_id, capsys):
+    symbol = EXERCISES[grade_id].symbol
+    for impl in CORRECT[grade_id]:
+        check(grade_id, impl)
+        check(grade_id, impl, hidden=True)
+        out, err = capsys.readouterr()
+        assert err == ""
+        lines = out.splitlines()
+        assert len(lines) == 2 and all(line.startswith(f"✓ {symbol}: ") for line in lines), out
+        assert "hidden" in lines[1] and "passed" in lines[0]
+
+
+# ========================================================================================
+# Planted mistakes.
+
+
+def _shared_renormalised(x, shared_experts, routed_experts, w_gate, k):
+    weights, indices = moe_course.top_k_gating(x @ w_gate, k)  # notebook 02's gate
+    y = moe_course.sparse_moe(x, routed_experts, weights, indices)
+    return y + sum(f(x) for f in shared_experts), weights, indices
+
+
+def _shared_missing(x, shared_experts, routed_experts, w_gate, k):
+    return shared_with_other_references(x, [], routed_experts, w_gate, k)
+
+
+def _shared_averaged(x, shared_experts, routed_experts, w_gate, k):
+    y, w, i = shared_with_other_references(x, [], routed_experts, w_gate, k)
+    if len(shared_experts):
+        y = y + torch.stack([f(x) for f in shared_experts]).mean(0)
+    return y, w, i
+
+
+def _shared_dense(x, shared_experts, routed_experts, w_gate, k):
+    probs = torch.softmax(x @ w_gate, -1)
+    weights, indices = probs.topk(k, -1)
+    gates = torch.zeros_like(probs).scatter(1, indices, weights)
+    y = sum(gates[:, e : e + 1] * f(x) for e, f in enumerate(routed_experts))
+    return y + sum(f(x) for f in shared_experts), weights, indices
+
+
+def _shared_logit_weights(x, shared_experts, routed_experts, w_gate, k):
+    weights, indices = (x @ w_gate).topk(k, -1)
+    y = moe_course.sparse_moe(x, routed_experts, weights, indices)
+    return y + sum(f(x) for f in shared_experts), weights, indices
+
+
+def _shared_unweighted(x, shared_experts, routed_experts, w_gate, k):
+    _, w, i = shared_with_other_references(x, shared_experts, routed_experts, w_gate, k)
+    y = moe_course.sparse_moe(x, routed_experts, torch.ones_like(w), i)
+    return y + sum(f(x) for f in shared_experts), w, i
+
+
+def _shared_ascending(x, shared_experts, routed_experts, w_gate, k):
+    y, w, i = shared_with_other_references(x, shared_experts, routed_experts, w_gate, k)
+    return y, w.flip(-1), i.flip(-1)
+
+
+def _shared_per_token(x, shared_experts, routed_experts, w_gate, k):
+    y, w, i = shared_with_other_references(x, [], routed_experts, w_gate, k)
+    for f in shared_experts:
+        y = y + torch.cat([f(x[t : t + 1]) for t in range(x.shape[0])])
+    return y, w, i
+
+
+def _shared_first_only(x, shared_experts, routed_experts, w_gate, k):
+    _, w, i = shared_with_other_references(x, shared_experts, routed_experts, w_gate, k)
+    y = moe_course.sparse_moe(x, routed_experts, w[:, :1], i[:, :1])
+    return y + sum(f(x) for f in shared_experts), w, i
+
+
+def _shared_mutates(x, shared_experts, routed_experts, w_gate, k):
+    w_gate /= 2
+    return shared_with_other_references(x, shared_experts, routed_experts, w_gate, k)
+
+
+def _bias_flipped(bias, expert_counts, gamma):
+    c = expert_counts.double()
+    return bias - gamma * torch.sign(c.mean() - c).to(bias.dtype)
+
+
+def _bias_magnitude(bias, expert_counts, gamma):
+    c = expert_counts.double()
+    return bias + (gamma * (c.mean() - c)).to(bias.dtype)
+
+
+def _bias_delta(bias, expert_counts, gamma):
+    c = expert_counts.double()
+    return gamma * torch.sign(c.mean() - c).to(bias.dtype)
+
+
+def _bias_ties_up(bias, expert_counts, gamma):
+    c = expert_counts.double()
+    return bias + torch.where(c > c.mean(), -gamma, gamma).to(bias.dtype)
+
+
+def _bias_ties_down(bias, expert_counts, gamma):
+    c = expert_counts.double()
+    return bias + torch.where(c < c.mean(), gamma, -gamma).to(bias.dtype)
+
+
+def _bias_total(bias, expert_counts, gamma):
+    c = expert_counts.double()
+    return bias + gamma * torch.sign(c.sum() - c).to(bias.dtype)
+
+
+def _bias_in_place(bias, expert_counts, gamma):
+    c = expert_counts.double()
+    bias += gamma * torch.sign(c.mean() - c).to(bias.dtype)
+    return bias
+
+
+def _bias_integer(bias, expert_counts, gamma):
+    return torch.sign(expert_counts.double().mean() - expert_counts).long()
+
+
+def _soft_dispatch_over_slots(x, experts, phi, c):
+    y, _, combine = soft_reshape(x, experts, phi, c)
+    return y, torch.softmax(x @ phi, dim=1), combine
+
+
+def _soft_combine_over_tokens(x, experts, phi, c):
+    y, dispatch, _ = soft_reshape(x, experts, phi, c)
+    return y, dispatch, torch.softmax(x @ phi, dim=0)
+
+
+def _soft_combined_with_dispatch(x, experts, phi, c):
+    _, dispatch, combine = soft_reshape(x, experts, phi, c)
+    slots = dispatch.T @ x
+    outs = torch.cat([ex(slots[e * c : e * c + c]) for e, ex in enumerate(experts)])
+    return dispatch @ outs, dispatch, combine
+
+
+def _soft_swapped(x, experts, phi, c):  # both axes swapped, dispatch reported correctly
+    logits = x @ phi
+    d, cb = torch.softmax(logits, 0), torch.softmax(logits, 1)
+    slots = cb.T @ x
+    outs = torch.cat([ex(slots[e * c : e * c + c]) for e, ex in enumerate(experts)])
+    return d @ outs, d, cb
+
+
+def _soft_interleaved(x, experts, phi, c):
+    logits = x @ phi
+    d, cb = torch.softmax(logits, 0), torch.softmax(logits, 1)
+    slots = d.T @ x
+    n = len(experts)
+    outs = torch.empty_like(slots)
+    for e, ex in enumerate(experts):
+        outs[e::n] = ex(slots[e::n])
+    return cb @ outs, d, cb
+
+
+def _soft_on_tokens(x, experts, phi, c):
+    logits = x @ phi
+    d, cb = torch.softmax(logits, 0), torch.softmax(logits, 1)
+    outs = torch.cat([d[:, e * c : e * c + c].T @ ex(x) for e, ex in enumerate(experts)])
+    return cb @ outs, d, cb
+
+
+def _soft_per_slot(x, experts, phi, c):
+    logits = x @ phi
+    d, cb = torch.softmax(logits, 0), torch.softmax(logits, 1)
+    slots = d.T @ x
+    outs = torch.cat([experts[j // c](slots[j : j + 1]) for j in range(slots.shape[0])])
+    return cb @ outs, d, cb
+
+
+def _soft_detached(x, experts, phi, c):
+    y, d, cb = soft_reshape(x, experts, phi.detach(), c)
+    return y, d, cb
+
+
+def _soft_only_y(x, experts, phi, c):
+    return soft_reshape(x, experts, phi, c)[0]
+
+
+def _soft_transposed(x, experts, phi, c):
+    y, d, cb = soft_reshape(x, experts, phi, c)
+    return y, d.T, cb
+
+
+def _sort_unstable(indices, n_experts):  # ties in reverse order
+    flat = indices.reshape(-1)
+    n = flat.numel()
+    order = torch.argsort(flat * n + (n - 1 - torch.arange(n)))
+    return order, torch.bincount(flat, minlength=n_experts)
+
+
+def _sort_no_minlength(indices, n_experts):
+    flat = indices.reshape(-1)
+    return torch.sort(flat, stable=True).indices, torch.bincount(flat)
+
+
+def _sort_unique_counts(indices, n_experts):
+    flat = indices.reshape(-1)
+    return torch.sort(flat, stable=True).indices, torch.unique(flat, return_counts=True)[1]
+
+
+def _sort_values(indices, n_experts):
+    flat = indices.reshape(-1)
+    return torch.sort(flat, stable=True).values, torch.bincount(flat, minlength=n_experts)
+
+
+def _sort_inverse(indices, n_experts):
+    order, counts = sort_keys(indices, n_experts)
+    return torch.argsort(order), counts
+
+
+def _sort_tokens(indices, n_experts):
+    order, counts = sort_keys(indices, n_experts)
+    return order // indices.shape[1], counts
+
+
+def _sort_choice_major(indices, n_experts):
+    flat = indices.t().reshape(-1)
+    return torch.sort(flat, stable=True).indices, torch.bincount(flat, minlength=n_experts)
+
+
+def _sort_descending(indices, n_experts):
+    flat = indices.reshape(-1)
+    order = torch.sort(flat, stable=True, descending=True).indices
+    return order, torch.bincount(flat, minlength=n_experts)
+
+
+def _sort_first_choices(indices, n_experts):
+    order, _ = sort_keys(indices, n_experts)
+    return order, torch.bincount(indices[:, 0], minlength=n_experts)
+
+
+def _sort_float(indices, n_experts):
+    order, counts = sort_keys(indices, n_experts)
+    return order.float(), counts
+
+
+MISTAKES: list[tuple[str, Any, str]] = [
+    ("ex07_shared_expert_moe", _shared_renormalised, "without renormalising"),
+    ("ex07_shared_expert_moe", _shared_missing, "leaves out the shared experts"),
+    ("ex07_shared_expert_moe", _shared_averaged, "averaged the shared experts"),
+    ("ex07_shared_expert_moe", _shared_dense, "dense mixture"),
+    ("ex07_shared_expert_moe", _shared_logit_weights, "raw logits"),
+    ("ex07_shared_expert_moe", _shared_unweighted, "not weighted by their gates"),
+    ("ex07_shared_expert_moe", _shared_ascending, "ascending order"),
+    ("ex07_shared_expert_moe", _shared_per_token, "shared expert 0 was called 8 times"),
+    ("ex07_shared_expert_moe", _shared_first_only, "only each token's best routed expert"),
+    ("ex07_shared_expert_moe", _shared_mutates, "changed its argument w_gate in place"),
+    ("ex07_aux_free_bias_update", _bias_flipped, "your sign is flipped"),
+    ("ex07_aux_free_bias_update", _bias_magnitude, "the load error itself"),
+    ("ex07_aux_free_bias_update", _bias_delta, "you returned only the change"),
+    ("ex07_aux_free_bias_update", _bias_ties_up, "yours raised it"),
+    ("ex07_aux_free_bias_update", _bias_ties_down, "yours lowered it"),
+    ("ex07_aux_free_bias_update", _bias_total, "not the total"),
+    ("ex07_aux_free_bias_update", _bias_in_place, "changed its argument bias in place"),
+    ("ex07_aux_free_bias_update", _bias_integer, "floating-point"),
+    ("ex07_soft_moe", _soft_dispatch_over_slots, "dispatch weights are a softmax over slots"),
+    ("ex07_soft_moe", _soft_combine_over_tokens, "combine weights are a softmax over tokens"),
+    ("ex07_soft_moe", _soft_combined_with_dispatch, "combined with the dispatch weights"),
+    ("ex07_soft_moe", _soft_swapped, "you swapped dispatch and combine"),
+    ("ex07_soft_moe", _soft_interleaved, "slot i went to expert i % E"),
+    ("ex07_soft_moe", _soft_on_tokens, "called on the tokens x"),
+    ("ex07_soft_moe", _soft_per_slot, "expert 0 was called 2 times"),
+    ("ex07_soft_moe", _soft_detached, "not differentiable with respect to phi"),
+    ("ex07_soft_moe", _soft_only_y, "must return a tuple (y, dispatch, combine)"),
+    ("ex07_soft_moe", _soft_transposed, "transposed"),
+    ("ex07_sort_by_expert", _sort_unstable, "not stably"),
+    ("ex07_sort_by_expert", _sort_no_minlength, "minlength=n_experts"),
+    ("ex07_sort_by_expert", _sort_unique_counts, "only the experts that were chosen"),
+    ("ex07_sort_by_expert", _sort_values, "sorted expert ids, not the permutation"),
+    ("ex07_sort_by_expert", _sort_inverse, "inverse permutation"),
+    ("ex07_sort_by_expert", _sort_tokens, "holds token ids"),
+    ("ex07_sort_by_expert", _sort_choice_major, "choice-major"),
+    ("ex07_sort_by_expert", _sort_descending, "from the last expert to the first"),
+    ("ex07_sort_by_expert", _sort_first_choices, "only the first choices"),
+    ("ex07_sort_by_expert", _sort_float, "floating-point"),
+]
+
+
+@pytest.mark.parametrize(("grade_id", "impl", "expected"), MISTAKES,
+                         ids=[f"{g}-{s[:24]}" for g, _, s in MISTAKES])
+def test_planted_mistake_fails_with_its_message(grade_id, impl, expected, capsys):
+    message = fails(grade_id, impl)
+    assert expected in message, message
+    assert message.startswith(f"{EXERCISES[grade_id].symbol}, check '")
+    assert " is wrong: " not in message  # a named mistake, not the generic fallback
+    assert capsys.readouterr().err == ""
+
+
+def test_every_exercise_has_planted_mistakes():
+    assert {g for g, _, _ in MISTAKES} == set(GRADED)
+
+
+def test_the_stability_mistake_is_caught_by_the_visible_check():
+    assert "not stably" in fails("ex07_sort_by_expert", _sort_unstable, hidden=False)
+
+
+def test_trajectory_probe_names_the_step():
+    def late_bug(bias, expert_counts, gamma):  # right at first, flipped once biases move
+        flip = -1.0 if bool((bias != 0).any()) and int(expert_counts.sum()) == 96 else 1.0
+        c = expert_counts.double()
+        return bias + flip * gamma * torch.sign(c.mean() - c).to(bias.dtype)
+
+    message = fails("ex07_aux_free_bias_update", late_bug)
+    assert "your bias after step 1" in message and "sign is flipped" in message
+
+
+# ========================================================================================
+# Calling the reference: directly, through an alias captured at import, or wrapped.
+
+ALIASES = {"ex07_shared_expert_moe": _alias_shared,
+           "ex07_aux_free_bias_update": _alias_bias_update, "ex07_soft_moe": _alias_soft,
+           "ex07_sort_by_expert": _alias_sort}
+
+
+def _cheats(grade_id: str) -> list[Any]:
+    alias = ALIASES[grade_id]
+
+    def wrapper(*args, **kwargs):
+        return alias(*args, **kwargs)
+
+    def sneaky(*args, **kwargs):  # swallows the tripwire and falls back: still caught
+        try:
+            return alias(*args, **kwargs)
+        except Exception:
+            return CORRECT[grade_id][0](*args, **kwargs)
+
+    return [alias, getattr(moe_course, EXERCISES[grade_id].symbol), wrapper, sneaky]
+
+
+@pytest.mark.parametrize("grade_id", sorted(ALIASES))
+def test_calling_the_reference_earns_nothing(grade_id):
+    assert ALIASES[grade_id] is EXERCISES[grade_id].reference
+    for cheat in _cheats(grade_id):
+        for hidden in (False, True):
+            with pytest.raises(CheckFailure, match="implement it yourself"):
+                check(grade_id, cheat, hidden=hidden)
+
+
+def test_references_work_again_after_a_tripped_check():
+    with pytest.raises(CheckFailure, match="implement it yourself"):
+        check("ex07_sort_by_expert", lambda i, e: _alias_sort(i, e))
+    assert moe_course.sort_by_expert(torch.tensor([[1], [0]]), 2).order.tolist() == [1, 0]
+
+
+# ========================================================================================
+# Stubs and wrong return types fail with a message, never a crash.
+
+
+@pytest.mark.parametrize("grade_id", sorted(CORRECT))
+def test_stub_fails_with_not_implemented(grade_id):
+    def stub(*args, **kwargs):
+        raise NotImplementedError
+
+    assert "is not implemented yet" in fails(grade_id, stub, hidden=False)
+
+
+WRONG_RETURNS: list[tuple[str, Any, str]] = [
+    ("ex07_shared_expert_moe", lambda x, s, r, w, k: x, "must return a tuple (y, weights"),
+    ("ex07_shared_expert_moe", lambda x, s, r, w, k: (x, x, x), "shape (8, 2)"),
+    ("ex07_aux_free_bias_update", lambda b, c, g: None, "you returned None"),
+    ("ex07_aux_free_bias_update", lambda b, c, g: b[:3], "shape (6,)"),
+    ("ex07_soft_moe", lambda x, ex, p, c: (x, x, x), "shape (8, 4)"),
+    ("ex07_sort_by_expert", lambda i, e: i, "must return a tuple (order, counts)"),
+    ("ex07_sort_by_expert", lambda i, e: (i, torch.bincount(i.reshape(-1), minlength=e)),
+     "shape (16,)"),
+]
+
+
+@pytest.mark.parametrize(("grade_id", "impl", "expected"), WRONG_RETURNS,
+                         ids=[f"{g}-{s[:20]}" for g, _, s in WRONG_RETURNS])
+def test_wrong_return_type_or_shape_is_explained(grade_id, impl, expected):
+    message = fails(grade_id, impl, hidden=False)
+    assert expected in message, message
+
+
+# ========================================================================================
+# Inputs: deterministic, plain, tie-free; outputs: plain data across the process boundary.
+
+PROBES = [(gid, probe) for gid in GRADED for probe in EXERCISES[gid].visible
+          + EXERCISES[gid].hidden]
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(
+            _equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_equal, a, b))
+    return a == b
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return type(value) is torch.Tensor
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _order_margins(grade_id: str, inputs: dict) -> list[float]:
+    """Gaps at every top-k boundary the probe's answer depends on (independent oracle)."""
+    if grade_id == "ex07_shared_expert_moe":
+        probs = torch.softmax(inputs["x"] @ inputs["w_gate"], dim=-1)
+        k = inputs["k"]
+        top = probs.sort(dim=-1, descending=True).values[:, : k + 1]
+        return [float(top.diff(dim=-1).abs().min())] if top.shape[1] > 1 else []
+    if "scores" in inputs:  # the bias trajectory: replay it with a loop
+        bias, gaps = torch.zeros(inputs["scores"].shape[-1]), []
+        for scores in inputs["scores"]:
+            top = (scores + bias).sort(dim=-1, descending=True).values[:, :3]
+            gaps.append(float(top.diff(dim=-1).abs().min()))
+            counts = torch.bincount((scores + bias).topk(2, dim=-1).indices.reshape(-1),
+                                    minlength=scores.shape[-1])
+            bias = bias_loop(bias, counts, inputs["gamma"])
+        return gaps
+    return []
+
+
+@pytest.mark.parametrize(("grade_id", "probe"), PROBES,
+                         ids=[f"{g}-{p.name}" for g, p in PROBES])
+def test_inputs_are_deterministic_tie_free_plain_and_outputs_round_trip(grade_id, probe):
+    exercise = EXERCISES[grade_id]
+    first, second = probe.inputs(), probe.inputs()
+    assert _equal(first, second)
+    assert _plain(first)
+    for gap in _order_margins(grade_id, first):
+        assert gap > MARGIN
+    outputs = run_probe(exercise, probe, CORRECT[grade_id][0], first)
+    assert _plain(outputs)
+    buffer = io.BytesIO()
+    torch.save(outputs, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert _equal(loaded, outputs)
+    judge_probe(exercise, probe, second, loaded)
+
+
+def test_order_dependent_probes_are_covered_by_the_tie_check():
+    covered = {(gid, p.name) for gid, p in PROBES if _order_margins(gid, p.inputs())}
+    assert {gid for gid, _ in covered} == {"ex07_shared_expert_moe",
+                                           "ex07_aux_free_bias_update"}
+
+
+def test_sort_probes_have_ties_and_idle_experts():
+    for probe in EXERCISES["ex07_sort_by_expert"].visible + EXERCISES[
+            "ex07_sort_by_expert"].hidden:
+        inputs = probe.inputs()
+        counts = torch.bincount(inputs["indices"].reshape(-1), minlength=inputs["n_experts"])
+        assert int(counts.max()) >= 2  # stability is observable
+        if inputs["n_experts"] > 1:
+            assert int(counts.min()) == 0  # an idle expert must be counted as 0
+
+
+def _truncated(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _truncated(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return []
+    return value
+
+
+@pytest.mark.parametrize(("grade_id", "probe"), PROBES,
+                         ids=[f"{g}-{p.name}" for g, p in PROBES])
+def test_judge_refuses_missing_or_truncated_outputs(grade_id, probe):
+    exercise = EXERCISES[grade_id]
+    inputs = probe.inputs()
+    with pytest.raises(CheckFailure):
+        judge_probe(exercise, probe, inputs, {})
+    outputs = run_probe(exercise, probe, CORRECT[grade_id][0], inputs)
+    cut = _truncated(outputs)
+    if not _equal(cut, outputs):  # some list was non-empty: a shorter one must not pass
+        with pytest.raises(CheckFailure):
+            judge_probe(exercise, probe, inputs, cut)
