@@ -23,9 +23,9 @@ from .expert_choice import (
     expert_choice_routing,
     experts_per_token,
 )
-from .experts import Expert, SwiGLUExpert
+from .experts import Expert, ExpertBank, SwiGLUExpert
 from .gating import TopK, noisy_logits, softmax_gate, top_k_gating
-from .layers import MoEFeedForward, MoEOutput, TokenChoice
+from .layers import DenseFFN, ExpertChoiceMoE, MoEFeedForward, MoEOutput, TokenChoice, TopKMoE
 from .losses import (
     cv_squared,
     importance_loss,
@@ -40,6 +40,7 @@ from .routing import DenseMoE, dense_moe, moe_flops, sparse_moe
 __version__ = "0.1.0"
 
 __all__ = [
+    "DenseFFN", "ExpertBank", "ExpertChoiceMoE", "TopKMoE",
     "Capacity", "DenseMoE", "Expert", "ExpertChoice", "MoEFeedForward", "MoEOutput",
     "SwiGLUExpert", "TokenChoice", "TopK", "apply_capacity", "capacity_positions",
     "cv_squared", "dense_moe", "expert_capacity", "expert_choice_capacity",

@@ -7,14 +7,22 @@ literature and in this course:
   Shazeer et al. 2017 (arXiv 1701.06538, Sec. 2.1, there with ReLU), GShard and Switch.
 - `SwiGLUExpert`: the gated FFN of Mixtral (Jiang et al. 2024, arXiv 2401.04088, Sec. 2.1)
   and DeepSeekMoE, `w2(silu(w1 x) * w3 x)` without biases.
+- `ExpertBank`: `E` experts of either kind with stacked weights, run all at once on a padded
+  `(E, C, D)` buffer or on rows grouped by expert (`grouped_linear`), the fast path of
+  `moe_course.layers`.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .validation import positive_int
+from .validation import experts_list, float_tensor, positive_int
 
 
 class Expert(nn.Module):
@@ -57,3 +65,269 @@ class SwiGLUExpert(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+EXPERT_KINDS = ("gelu", "swiglu")
+
+
+# torch's grouped matmul (`torch.nn.functional.grouped_mm`, earlier `torch._grouped_mm`): on
+# CPU one C++ loop of `mm` over the groups, which saves the Python loop's per-call overhead.
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _can_grouped_mm(a: Tensor, w: Tensor) -> bool:
+    # It takes fp32/bf16/fp16 with rows a multiple of 16 bytes long; kept to CPU, where it is
+    # measured (benchmarks/) and where every dtype it takes is supported.
+    return (_GROUPED_MM is not None and a.device.type == "cpu"
+            and a.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (a.shape[1] * a.element_size()) % 16 == 0
+            and (w.shape[2] * w.element_size()) % 16 == 0)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """`out[rows of e] = a[rows of e] @ w[e] (+ b[e])` for rows sorted by expert.
+
+    One matmul per expert on a contiguous slice, written straight into one output buffer:
+    torch's grouped matmul where it applies (a C++ loop on CPU), else a Python loop of `mm`,
+    and `addmm` per expert when there is a bias (it fuses the bias). The backward does the
+    same per expert. Autograd sees one node instead of `4 E`, and no full-size zero gradient
+    is built per slice.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, w: Tensor, b: Tensor | None, counts: list[int]) -> Tensor:
+        ctx.offs = None
+        if _can_grouped_mm(a, w):
+            ctx.offs = torch.tensor(counts).cumsum(0).to(torch.int32)  # (E,) group ends
+        if ctx.offs is not None and b is None:
+            out = _GROUPED_MM(a, w, offs=ctx.offs)  # (N, H)
+        else:  # with a bias, one addmm per expert fuses it (measured faster than an add)
+            out = a.new_empty(a.shape[0], w.shape[2])  # (N, H)
+            start = 0
+            for e, n in enumerate(counts):
+                if n:
+                    rows = slice(start, start + n)
+                    if b is None:
+                        torch.mm(a[rows], w[e], out=out[rows])
+                    else:
+                        torch.addmm(b[e], a[rows], w[e], out=out[rows])
+                start += n
+        ctx.save_for_backward(a, w)
+        ctx.counts = counts
+        ctx.has_bias = b is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        a, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_b = grad.new_empty(w.shape[0], w.shape[2]) if ctx.has_bias else None  # (E, H)
+        if ctx.offs is not None:
+            grad_a = _GROUPED_MM(grad, w.transpose(1, 2), offs=ctx.offs)  # (N, D)
+            grad_w = _GROUPED_MM(a.t(), grad, offs=ctx.offs)  # (E, D, H), 0 for empty groups
+        else:
+            grad_a = torch.empty_like(a)  # (N, D)
+            grad_w = torch.empty_like(w)  # (E, D, H)
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            rows = slice(start, start + n)
+            if n and ctx.offs is None:
+                torch.mm(grad[rows], w[e].t(), out=grad_a[rows])
+                torch.mm(a[rows].t(), grad[rows], out=grad_w[e])
+            elif not n:  # an expert with no rows gets zero gradient
+                grad_w[e].zero_()
+            if grad_b is not None:
+                torch.sum(grad[rows], dim=0, out=grad_b[e])  # 0 for an empty slice
+            start += n
+        return grad_a, grad_w, grad_b, None
+
+
+def grouped_linear(a: Tensor, w: Tensor, b: Tensor | None, counts: list[int]) -> Tensor:
+    """Per-expert linear maps on rows grouped by expert: `(N, D), (E, D, H) -> (N, H)`.
+
+    The first `counts[0]` rows of `a` go through `w[0]` (plus `b[0]`), the next `counts[1]`
+    through `w[1]`, and so on: the grouped matmul of MegaBlocks (Gale et al. 2022, arXiv
+    2211.15841), done as one BLAS call per expert on contiguous slices.
+
+    >>> a = torch.ones(3, 2)
+    >>> w = torch.stack([torch.eye(2), 2 * torch.eye(2)])  # (E, D, H) = (2, 2, 2)
+    >>> grouped_linear(a, w, None, [1, 2])
+    tensor([[1., 1.],
+            [2., 2.],
+            [2., 2.]])
+    """
+    float_tensor("a", a, ndim=2, shape_hint="(N, D)")
+    float_tensor("w", w, ndim=3, shape_hint="(E, D, H)")
+    if w.shape[1] != a.shape[1]:
+        raise ValueError(f"w must be (E, D, H) with D = a.shape[1] = {a.shape[1]}; got shape "
+                         f"{tuple(w.shape)}")
+    if b is not None:
+        float_tensor("b", b, ndim=2, shape_hint="(E, H)")
+        if b.shape != (w.shape[0], w.shape[2]):
+            raise ValueError(f"b must be (E, H) = {(w.shape[0], w.shape[2])}; got shape "
+                             f"{tuple(b.shape)}")
+    counts = [int(c) for c in counts]
+    if len(counts) != w.shape[0] or any(c < 0 for c in counts) or sum(counts) != a.shape[0]:
+        raise ValueError(f"counts must be E = {w.shape[0]} non-negative row counts summing to "
+                         f"a.shape[0] = {a.shape[0]}; got {counts}")
+    return _GroupedLinear.apply(a, w, b, counts)
+
+
+def _gelu_expert(x: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
+    return F.gelu(x @ w_in + b_in) @ w_out + b_out  # (n, D), Expert with weights transposed
+
+
+def _swiglu_expert(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    return (F.silu(x @ w1) * (x @ w3)) @ w2  # (n, D), SwiGLUExpert with weights transposed
+
+
+def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
+    # nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weights and biases.
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+class ExpertBank(nn.Module):
+    """`E` experts of one kind with their weights stacked along a leading expert axis.
+
+    `expert="gelu"`: `Expert`s, parameters `w_in (E, D, H)`, `b_in (E, H)`, `w_out (E, H, D)`,
+    `b_out (E, D)`; expert `e` is `gelu(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]`.
+    `expert="swiglu"`: Mixtral's `SwiGLUExpert`s, parameters `w1, w3 (E, D, H)` and
+    `w2 (E, H, D)`; expert `e` is `(silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]`.
+    Weights are stored input-major (`x @ w`), the transpose of `nn.Linear.weight`.
+
+    Stacked weights let a layer run all experts at once: `forward` on a padded `(E, C, D)`
+    buffer with batched matmuls (GShard's dispatched layout, arXiv 2006.16668), or
+    `grouped` on rows sorted by expert (dropless, MegaBlocks-style, arXiv 2211.15841).
+    `expert_fns` gives plain per-expert callables on the same parameters, for the loop oracle.
+
+    >>> bank = ExpertBank(d_model=4, d_hidden=8, n_experts=3)
+    >>> bank(torch.zeros(3, 5, 4)).shape  # (E, C, D)
+    torch.Size([3, 5, 4])
+    >>> bank.grouped(torch.zeros(6, 4), [2, 0, 4]).shape  # (N, D)
+    torch.Size([6, 4])
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, n_experts: int, expert: str = "gelu") -> None:
+        super().__init__()
+        self.d_model = positive_int("d_model", d_model)
+        self.d_hidden = positive_int("d_hidden", d_hidden)
+        self.n_experts = positive_int("n_experts", n_experts)
+        if expert not in EXPERT_KINDS:
+            raise ValueError(f"expert must be one of {EXPERT_KINDS}; got {expert!r}")
+        self.kind = expert
+        e, d, h = n_experts, d_model, d_hidden
+        if expert == "gelu":
+            self.w_in = _uniform((e, d, h), d)  # (E, D, H)
+            self.b_in = _uniform((e, h), d)  # (E, H)
+            self.w_out = _uniform((e, h, d), h)  # (E, H, D)
+            self.b_out = _uniform((e, d), h)  # (E, D)
+        else:
+            self.w1 = _uniform((e, d, h), d)  # (E, D, H) gate projection
+            self.w3 = _uniform((e, d, h), d)  # (E, D, H) up projection
+            self.w2 = _uniform((e, h, d), h)  # (E, H, D) down projection
+
+    def _check(self, name: str, x: object, ndim: int, hint: str) -> None:
+        float_tensor(name, x, ndim=ndim, shape_hint=hint)
+        if x.shape[-1] != self.d_model:  # type: ignore[union-attr]
+            raise ValueError(f"{name} must be {hint} with D = {self.d_model}; got shape "
+                             f"{tuple(x.shape)}")  # type: ignore[union-attr]
+
+    def forward(self, xs: Tensor) -> Tensor:
+        """Expert `e` on `xs[e]` for every `e`: `(E, C, D) -> (E, C, D)`, batched matmuls."""
+        self._check("xs", xs, 3, "(E, C, D)")
+        if xs.shape[0] != self.n_experts:
+            raise ValueError(f"xs must be (E, C, D) with E = {self.n_experts}; got shape "
+                             f"{tuple(xs.shape)}")
+        if self.kind == "gelu":
+            h = F.gelu(torch.baddbmm(self.b_in[:, None], xs, self.w_in))  # (E, C, H)
+            return torch.baddbmm(self.b_out[:, None], h, self.w_out)  # (E, C, D)
+        h = F.silu(torch.bmm(xs, self.w1)) * torch.bmm(xs, self.w3)  # (E, C, H)
+        return torch.bmm(h, self.w2)  # (E, C, D)
+
+    def grouped(self, xs: Tensor, counts: list[int]) -> Tensor:
+        """Rows sorted by expert, `counts[e]` of them for expert `e`: `(N, D) -> (N, D)`."""
+        self._check("xs", xs, 2, "(N, D)")
+        if self.kind == "gelu":
+            h = F.gelu(grouped_linear(xs, self.w_in, self.b_in, counts))  # (N, H)
+            return grouped_linear(h, self.w_out, self.b_out, counts)  # (N, D)
+        h = F.silu(grouped_linear(xs, self.w1, None, counts)) * grouped_linear(
+            xs, self.w3, None, counts)  # (N, H)
+        return grouped_linear(h, self.w2, None, counts)  # (N, D)
+
+    def expert_fn(self, e: int) -> Callable[[Tensor], Tensor]:
+        """Expert `e` as a plain function of `(n, D)` rows, sharing this bank's parameters."""
+        e = positive_int("e", e, minimum=0, maximum=self.n_experts - 1)
+        return self.expert_fns()[e]
+
+    def expert_fns(self) -> list[Callable[[Tensor], Tensor]]:
+        """All `E` experts as plain functions, the `experts` argument of `sparse_moe`.
+
+        They read views of the stacked parameters (`unbind`), so gradients reach the bank.
+        """
+        if self.kind == "gelu":
+            views = zip(self.w_in.unbind(0), self.b_in.unbind(0), self.w_out.unbind(0),
+                        self.b_out.unbind(0), strict=True)
+            return [partial(_gelu_expert, w_in=a, b_in=b, w_out=c, b_out=d)
+                    for a, b, c, d in views]
+        views = zip(self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0), strict=True)
+        return [partial(_swiglu_expert, w1=a, w3=b, w2=c) for a, b, c in views]
+
+    def to_modules(self) -> nn.ModuleList:
+        """Copies of the experts as `Expert` or `SwiGLUExpert` modules (no shared storage)."""
+        modules = nn.ModuleList()
+        for e in range(self.n_experts):
+            if self.kind == "gelu":
+                m: nn.Module = Expert(self.d_model, self.d_hidden)
+                m.w_in.weight.data.copy_(self.w_in.data[e].t())
+                m.w_in.bias.data.copy_(self.b_in.data[e])
+                m.w_out.weight.data.copy_(self.w_out.data[e].t())
+                m.w_out.bias.data.copy_(self.b_out.data[e])
+            else:
+                m = SwiGLUExpert(self.d_model, self.d_hidden)
+                m.w1.weight.data.copy_(self.w1.data[e].t())
+                m.w3.weight.data.copy_(self.w3.data[e].t())
+                m.w2.weight.data.copy_(self.w2.data[e].t())
+            modules.append(m.to(self._dtype()))
+        return modules
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @classmethod
+    def from_modules(cls, experts: Sequence[nn.Module]) -> ExpertBank:
+        """Stack copies of `Expert`s (or of `SwiGLUExpert`s) into a bank.
+
+        >>> experts = [Expert(4, 8) for _ in range(3)]
+        >>> bank = ExpertBank.from_modules(experts)
+        >>> x = torch.randn(5, 4)
+        >>> torch.allclose(bank.expert_fn(1)(x), experts[1](x), atol=1e-6)
+        True
+        """
+        n = experts_list("experts", experts)
+        if all(isinstance(m, Expert) for m in experts):
+            kind = "gelu"
+        elif all(isinstance(m, SwiGLUExpert) for m in experts):
+            kind = "swiglu"
+        else:
+            raise ValueError("experts must be all Expert or all SwiGLUExpert modules; got "
+                             f"{sorted({type(m).__name__ for m in experts})}")
+        first = experts[0]
+        layer = first.w_in if kind == "gelu" else first.w1
+        bank = cls(layer.in_features, layer.out_features, n, kind)
+        for m in experts:
+            inner = m.w_in if kind == "gelu" else m.w1
+            if (inner.in_features, inner.out_features) != (bank.d_model, bank.d_hidden):
+                raise ValueError(f"experts must all be ({bank.d_model} -> {bank.d_hidden}); got "
+                                 f"one ({inner.in_features} -> {inner.out_features})")
+        with torch.no_grad():
+            if kind == "gelu":
+                bank.w_in.copy_(torch.stack([m.w_in.weight.t() for m in experts]))
+                bank.b_in.copy_(torch.stack([m.w_in.bias for m in experts]))
+                bank.w_out.copy_(torch.stack([m.w_out.weight.t() for m in experts]))
+                bank.b_out.copy_(torch.stack([m.w_out.bias for m in experts]))
+            else:
+                bank.w1.copy_(torch.stack([m.w1.weight.t() for m in experts]))
+                bank.w3.copy_(torch.stack([m.w3.weight.t() for m in experts]))
+                bank.w2.copy_(torch.stack([m.w2.weight.t() for m in experts]))
+        return bank.to(layer.weight.dtype)

@@ -15,12 +15,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .capacity import apply_capacity, expert_capacity
-from .expert_choice import ExpertChoice, expert_choice_capacity, expert_choice_moe, expert_choice_routing
-from .experts import Expert
-from .gating import top_k_gating
+from .expert_choice import (
+    ExpertChoice,
+    expert_choice_capacity,
+    expert_choice_moe,
+    expert_choice_routing,
+)
+from .experts import EXPERT_KINDS, Expert, ExpertBank, SwiGLUExpert
+from .gating import noisy_logits, top_k_gating
 from .losses import router_z_loss, switch_aux_loss
 from .routing import sparse_moe
-from .validation import float_tensor, positive_float, positive_int
+from .validation import float_tensor, index_tensor, positive_float, positive_int
 
 ROUTERS = ("top_k", "expert_choice")
 
@@ -110,3 +115,391 @@ class MoEFeedForward(nn.Module):
             load = torch.full((self.n_experts,), capacity)  # (E,)
         return MoEOutput(y.reshape(x.shape), aux_loss, z_loss, logits, routing,
                          load.to(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast layers: experts' weights stacked in an `ExpertBank`, dispatch vectorised.
+# ---------------------------------------------------------------------------------------------
+
+DISPATCHES = ("auto", "grouped", "padded")
+# "auto" takes the padded layout when the busiest expert's matmul, C*D*H multiply-adds, is at
+# most this: there the fixed cost of one call per expert outweighs the padding. Above it the
+# grouped layout wins. Both measured in benchmarks/bench_layers.py (see benchmarks/README.md).
+AUTO_PADDED_MACS = 2**22
+
+
+class Assignments(NamedTuple):
+    """The `T*K` token-to-expert assignments sorted by expert, GShard priority within one.
+
+    The `(T, K)` fields are in token order; `order` is the expert-major layout of the kept
+    assignments. Built by `group_by_expert`.
+    """
+
+    positions: Tensor  # (T, K) slot of each assignment in its expert's buffer
+    keep: Tensor  # (T, K) bool, positions < capacity
+    counts: Tensor  # (E,) kept assignments per expert
+    routed: Tensor  # (E,) all assignments per expert, before capacity (Switch f_e)
+    order: Tensor  # (M,) token-major ids t*K + j of the kept assignments, grouped by expert
+
+
+def _token_input(name: str, x: object, d_model: int, dtype: torch.dtype) -> Tensor:
+    """Check a layer input, `(B, S, D)` or `(T, D)`, and flatten it to `(T, D)`."""
+    t = float_tensor(name, x, shape_hint="(B, S, D) or (T, D)")
+    if t.dim() not in (2, 3) or t.shape[-1] != d_model:
+        raise ValueError(f"{name} must be (B, S, D) or (T, D) with D = {d_model}; got shape "
+                         f"{tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must hold at least one token; got shape {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have the layer's dtype {dtype}; got {t.dtype}")
+    return t.reshape(-1, d_model)  # (T, D)
+
+
+def group_by_expert(indices: Tensor, n_experts: int, capacity: int | None = None) -> Assignments:
+    """Sort the assignments `indices` `(T, K)` by expert with one stable sort.
+
+    Within an expert the order is GShard's priority (arXiv 2006.16668, Algorithm 1): every
+    first choice in token order, then every second choice, ...; so `positions` equals
+    `capacity_positions(indices, E)` and, with a `capacity`, `keep` is `positions < C`
+    exactly as in `apply_capacity`. `order` lists the kept assignments as token-major flat
+    ids `t*K + j`, expert by expert, `counts[e]` of them for expert `e`.
+
+    >>> a = group_by_expert(torch.tensor([[0, 1], [0, 2], [1, 0]]), n_experts=3, capacity=2)
+    >>> a.positions
+    tensor([[0, 1],
+            [1, 0],
+            [0, 2]])
+    >>> a.order, a.counts
+    (tensor([0, 2, 4, 1, 3]), tensor([2, 2, 1]))
+    """
+    e = positive_int("n_experts", n_experts)
+    index_tensor("indices", indices, ndim=2, shape_hint="(T, K)", upper=e)
+    if capacity is not None:
+        capacity = positive_int("capacity", capacity, minimum=0)
+    t, k = indices.shape
+    n = t * k
+    by_rank = indices.long().t().reshape(-1)  # (K*T,) choice-major: all first choices first
+    expert_sorted, order = by_rank.sort(stable=True)  # (K*T,), (K*T,) choice-major ids
+    routed = torch.bincount(by_rank, minlength=e)  # (E,)
+    starts = routed.cumsum(0) - routed  # (E,) first sorted row of each expert
+    pos_sorted = torch.arange(n, device=indices.device) - starts[expert_sorted]  # (K*T,)
+    positions = torch.empty_like(pos_sorted).index_copy_(0, order, pos_sorted)  # (K*T,)
+    positions = positions.reshape(k, t).t()  # (T, K)
+    token_major = (order % t) * k + order // t  # (K*T,) choice-major id j*T+t -> t*K+j
+    if capacity is None or capacity >= n:
+        return Assignments(positions, torch.ones_like(positions, dtype=torch.bool), routed,
+                           routed, token_major)
+    kept = pos_sorted < capacity  # (K*T,)
+    counts = routed.clamp(max=capacity)  # (E,)
+    return Assignments(positions, positions < capacity, counts, routed, token_major[kept])
+
+
+class _Combine(torch.autograd.Function):
+    """`y[t] = sum over rows r with row_token[r] == t of row_weight[r] * rows[r]`, `(T, D)`.
+
+    Forward: one weighted copy and one `index_add_`. Backward: one gather of the output
+    gradient, reused for both the rows' gradient and the weights' (a row-wise dot product),
+    instead of the three passes over `(R, D)` and the zero-filled buffers that autograd
+    builds for `index_add(0, row_token, rows * row_weight[:, None])`.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, row_token: Tensor, row_weight: Tensor, n_tokens: int) -> Tensor:
+        weighted = rows * row_weight[:, None]  # (R, D)
+        y = rows.new_zeros(n_tokens, rows.shape[1]).index_add_(0, row_token, weighted)  # (T, D)
+        ctx.save_for_backward(rows, row_token, row_weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+        rows, row_token, row_weight = ctx.saved_tensors
+        grad_rows = grad_y.index_select(0, row_token)  # (R, D) dL/dy of each row's token
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            grad_weight = torch.bmm(grad_rows[:, None], rows[:, :, None]).reshape(-1)  # (R,)
+        return grad_rows.mul_(row_weight[:, None]), None, grad_weight, None
+
+
+def combine(rows: Tensor, row_token: Tensor, row_weight: Tensor, n_tokens: int) -> Tensor:
+    """Weighted scatter-add of expert outputs back to their tokens (Shazeer et al. eq. 1).
+
+    `rows` `(R, D)` are expert outputs, `row_token` `(R,)` the token each row belongs to and
+    `row_weight` `(R,)` its gate weight (0 for padding and dropped assignments, which then
+    add exactly 0); returns `y` `(T, D)`.
+
+    >>> rows = torch.tensor([[1.0], [2.0], [4.0]])
+    >>> combine(rows, torch.tensor([1, 0, 1]), torch.tensor([0.5, 1.0, 0.25]), n_tokens=3)
+    tensor([[2.0000],
+            [1.5000],
+            [0.0000]])
+    """
+    float_tensor("rows", rows, ndim=2, shape_hint="(R, D)")
+    float_tensor("row_weight", row_weight, ndim=1, shape_hint="(R,)")
+    n = positive_int("n_tokens", n_tokens)
+    index_tensor("row_token", row_token, ndim=1, shape_hint="(R,)", upper=n)
+    if not rows.shape[0] == row_token.shape[0] == row_weight.shape[0]:
+        raise ValueError(f"rows, row_token and row_weight must have the same length R; got "
+                         f"{rows.shape[0]}, {row_token.shape[0]} and {row_weight.shape[0]}")
+    return _Combine.apply(rows, row_token.long(), row_weight, n)
+
+
+class TopKMoE(nn.Module):
+    """Top-k token-choice mixture of experts with stacked expert weights, dispatch vectorised.
+
+    Computes exactly what `MoEFeedForward(router="top_k")` computes (Shazeer et al. 2017,
+    arXiv 1701.06538, eq. 1, 3-5; capacity and GShard priority, arXiv 2006.16668; Switch
+    loss, arXiv 2101.03961 eq. 4-6; z-loss, arXiv 2202.08906 eq. 5), but without a Python
+    loop over tokens and with one sort instead of one mask per expert:
+
+    1. router logits `x @ W_g` (plus Shazeer's eq. 4 noise when `noisy` and training);
+    2. `top_k_gating`, then `group_by_expert`: one stable sort of the `T*K` assignments;
+    3. dispatch: `dispatch="grouped"` gathers the kept rows sorted by expert and runs one
+       matmul per expert on contiguous slices, no padding (MegaBlocks, arXiv 2211.15841);
+       `dispatch="padded"` gathers them into a `(E, C, D)` buffer (`C` = the busiest
+       expert's load, at most the capacity), GShard's layout, and runs the `ExpertBank` as
+       batched matmuls; `"auto"` (the default) takes padded for small experts' matmuls
+       (`C*D*H <= AUTO_PADDED_MACS`) and grouped otherwise, the faster of the two in
+       `benchmarks/bench_layers.py` on each side;
+    4. `combine`: one weighted `index_add` back to the tokens (one gather backward).
+
+    `expert="gelu"` uses `Expert`s (biases, exact GELU), `expert="swiglu"` Mixtral's
+    `SwiGLUExpert`s. `loop_forward` is the plain loop-over-experts oracle on the same weights
+    (`routing.sparse_moe`); `from_moe_feed_forward` copies an `MoEFeedForward`.
+
+    >>> layer = TopKMoE(d_model=8, d_hidden=16, n_experts=4, k=2)
+    >>> out = layer(torch.randn(2, 5, 8))
+    >>> out.y.shape, out.routing.indices.shape, float(out.expert_load.sum())
+    (torch.Size([2, 5, 8]), torch.Size([10, 2]), 20.0)
+    >>> x = torch.randn(2, 5, 8)
+    >>> torch.allclose(layer(x).y, layer.loop_forward(x).y, atol=1e-6)
+    True
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, n_experts: int, k: int = 2,
+                 capacity_factor: float | None = None, expert: str = "gelu",
+                 noisy: bool = False, dispatch: str = "auto") -> None:
+        super().__init__()
+        self.d_model = positive_int("d_model", d_model)
+        positive_int("d_hidden", d_hidden)
+        self.n_experts = positive_int("n_experts", n_experts)
+        self.k = positive_int("k", k, maximum=n_experts)
+        if capacity_factor is not None:
+            positive_float("capacity_factor", capacity_factor)
+        if not isinstance(noisy, bool):
+            raise ValueError(f"noisy must be a bool; got {type(noisy).__name__} {noisy!r}")
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch must be one of {DISPATCHES}; got {dispatch!r}")
+        self.capacity_factor = capacity_factor
+        self.dispatch = dispatch
+        self.noisy = noisy
+        self.gate = nn.Linear(d_model, n_experts, bias=False)  # W_g
+        # W_noise of Shazeer et al. eq. 4, zero-initialised: noise scale softplus(0) at start.
+        self.w_noise = nn.Linear(d_model, n_experts, bias=False) if noisy else None
+        if self.w_noise is not None:
+            nn.init.zeros_(self.w_noise.weight)
+        self.experts = ExpertBank(d_model, d_hidden, n_experts, expert)
+
+    def _logits(self, flat: Tensor, noise: Tensor | None) -> Tensor:
+        if self.w_noise is None or not self.training:
+            if noise is not None:
+                raise ValueError("noise is only used by a noisy layer in training mode; got a "
+                                 "noise tensor for a layer with noisy="
+                                 f"{self.noisy}, training={self.training}")
+            return self.gate(flat)  # (T, E)
+        if noise is None:
+            noise = torch.randn(flat.shape[0], self.n_experts, dtype=flat.dtype,
+                                device=flat.device)  # (T, E)
+        return noisy_logits(flat, self.gate.weight.t(), self.w_noise.weight.t(), noise)
+
+    def _capacity(self, n_tokens: int) -> int | None:
+        if self.capacity_factor is None:
+            return None
+        return expert_capacity(n_tokens, self.n_experts, self.capacity_factor, self.k)
+
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> MoEOutput:
+        """`x` `(B, S, D)` or `(T, D)`; `noise` `(T, E)` standard normal (noisy training only)."""
+        flat = _token_input("x", x, self.d_model, self.gate.weight.dtype)  # (T, D)
+        t, e, k = flat.shape[0], self.n_experts, self.k
+        logits = self._logits(flat, noise)  # (T, E)
+        weights, indices = top_k_gating(logits, k)  # (T, K), (T, K)
+        capacity = self._capacity(t)
+        plan = group_by_expert(indices, e, capacity)
+        if capacity is not None:
+            weights = torch.where(plan.keep, weights, torch.zeros_like(weights))  # (T, K)
+        counts = plan.counts.tolist()
+        buffer = max(counts)  # C: the busiest expert's kept load
+        padded = self.dispatch == "padded" or (
+            self.dispatch == "auto" and buffer * self.d_model * self.experts.d_hidden
+            <= AUTO_PADDED_MACS)
+        token = plan.order // k  # (M,) token of each kept assignment, grouped by expert
+        weight = weights.reshape(-1)[plan.order]  # (M,) its gate weight
+        if padded:
+            slot = (indices * buffer + plan.positions).reshape(-1)[plan.order]  # (M,) e*C + pos
+            row_token = token.new_zeros(e * buffer).index_copy_(0, slot, token)  # (E*C,)
+            row_weight = weight.new_zeros(e * buffer).index_copy(0, slot, weight)  # (E*C,)
+            xs = flat.index_select(0, row_token).reshape(e, buffer, -1)  # (E, C, D)
+            rows = self.experts(xs).reshape(e * buffer, -1)  # (E*C, D)
+        else:
+            row_token, row_weight = token, weight  # (M,), (M,)
+            rows = self.experts.grouped(flat.index_select(0, token), counts)  # (M, D)
+        # Dropped assignments have no row, empty padded slots weight exactly 0: both add 0.
+        y = _Combine.apply(rows, row_token, row_weight, t)  # (T, D)
+        probs = torch.softmax(logits, dim=-1)  # (T, E)
+        f = plan.routed.to(probs.dtype) / (t * k)  # (E,) Switch eq. 5
+        aux_loss = e * (f * probs.mean(0)).sum()  # Switch eq. 4 = switch_aux_loss
+        routing = TokenChoice(weights, indices, plan.keep)
+        return MoEOutput(y.reshape(x.shape), aux_loss, router_z_loss(logits), logits, routing,
+                         plan.counts.to(x.dtype))
+
+    def loop_forward(self, x: Tensor, noise: Tensor | None = None) -> MoEOutput:
+        """The oracle: the same layer computed as `MoEFeedForward` does, one expert at a time.
+
+        Routing by `top_k_gating` and `apply_capacity`, dispatch by `routing.sparse_moe` over
+        `self.experts.expert_fns()` (functions sharing this layer's parameters, so gradients
+        compare), losses by `switch_aux_loss` and `router_z_loss`.
+        """
+        flat = _token_input("x", x, self.d_model, self.gate.weight.dtype)  # (T, D)
+        logits = self._logits(flat, noise)  # (T, E)
+        weights, indices = top_k_gating(logits, self.k)  # (T, K), (T, K)
+        keep = torch.ones_like(indices, dtype=torch.bool)  # (T, K)
+        capacity = self._capacity(flat.shape[0])
+        if capacity is not None:
+            weights, keep = apply_capacity(weights, indices, capacity)  # (T, K), (T, K)
+        y = sparse_moe(flat, self.experts.expert_fns(), weights, indices)  # (T, D)
+        aux_loss = switch_aux_loss(torch.softmax(logits, dim=-1), indices)
+        load = F.one_hot(indices[keep], self.n_experts).sum(0)  # (E,)
+        return MoEOutput(y.reshape(x.shape), aux_loss, router_z_loss(logits), logits,
+                         TokenChoice(weights, indices, keep), load.to(x.dtype))
+
+    @classmethod
+    def from_moe_feed_forward(cls, layer: MoEFeedForward, dispatch: str = "auto") -> TopKMoE:
+        """A `TopKMoE` with copies of a top-k `MoEFeedForward`'s weights (GELU experts).
+
+        >>> slow = MoEFeedForward(d_model=8, d_hidden=16, n_experts=4, k=2)
+        >>> fast = TopKMoE.from_moe_feed_forward(slow)
+        >>> x = torch.randn(10, 8)
+        >>> torch.allclose(fast(x).y, slow(x).y, atol=1e-6)
+        True
+        """
+        if not isinstance(layer, MoEFeedForward) or layer.router != "top_k":
+            router = getattr(layer, "router", None)
+            raise ValueError("layer must be an MoEFeedForward with router='top_k'; got "
+                             f"{type(layer).__name__} with router={router!r}")
+        bank = ExpertBank.from_modules(list(layer.experts))
+        fast = cls(bank.d_model, bank.d_hidden, layer.n_experts, layer.k, layer.capacity_factor,
+                   "gelu", dispatch=dispatch).to(layer.gate.weight.dtype)
+        fast.experts = bank
+        with torch.no_grad():
+            fast.gate.weight.copy_(layer.gate.weight)
+        return fast
+
+    def to_moe_feed_forward(self) -> MoEFeedForward:
+        """An `MoEFeedForward` with copies of this layer's weights (GELU, not noisy)."""
+        if self.experts.kind != "gelu" or self.noisy:
+            raise ValueError("only a TopKMoE with expert='gelu' and noisy=False has an "
+                             f"MoEFeedForward twin; got expert={self.experts.kind!r}, "
+                             f"noisy={self.noisy}")
+        slow = MoEFeedForward(self.d_model, self.experts.d_hidden, self.n_experts, self.k,
+                              "top_k", self.capacity_factor).to(self.gate.weight.dtype)
+        slow.experts = self.experts.to_modules()
+        with torch.no_grad():
+            slow.gate.weight.copy_(self.gate.weight)
+        return slow
+
+
+class ExpertChoiceMoE(nn.Module):
+    """Expert-choice mixture (Zhou et al. 2022, arXiv 2202.09368) with stacked expert weights.
+
+    Each expert takes its `C = expert_choice_capacity(T, E, capacity_factor)` best tokens
+    (`expert_choice_routing`), so the dispatched buffer is exactly `(E, C, D)`: one gather,
+    two batched matmuls in the `ExpertBank`, one `combine` (Zhou et al. eq. 2-3).
+    Balanced by construction: `aux_loss` is 0 and every expert's load is `C`. Not causal:
+    whether a token is chosen depends on every other token in the batch.
+    `loop_forward` is the oracle built on `expert_choice.expert_choice_moe`.
+
+    >>> layer = ExpertChoiceMoE(d_model=8, d_hidden=16, n_experts=4, capacity_factor=2.0)
+    >>> out = layer(torch.randn(10, 8))
+    >>> out.routing.token_idx.shape, out.expert_load.tolist()
+    (torch.Size([4, 5]), [5.0, 5.0, 5.0, 5.0])
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, n_experts: int,
+                 capacity_factor: float = 2.0, expert: str = "gelu") -> None:
+        super().__init__()
+        self.d_model = positive_int("d_model", d_model)
+        positive_int("d_hidden", d_hidden)
+        self.n_experts = positive_int("n_experts", n_experts)
+        self.capacity_factor = positive_float("capacity_factor", capacity_factor)
+        self.gate = nn.Linear(d_model, n_experts, bias=False)  # W_g
+        self.experts = ExpertBank(d_model, d_hidden, n_experts, expert)
+
+    def _route(self, x: Tensor) -> tuple[Tensor, Tensor, ExpertChoice]:
+        flat = _token_input("x", x, self.d_model, self.gate.weight.dtype)  # (T, D)
+        logits = self.gate(flat)  # (T, E)
+        capacity = expert_choice_capacity(flat.shape[0], self.n_experts, self.capacity_factor)
+        return flat, logits, expert_choice_routing(logits, capacity)  # (E, C) each
+
+    def _output(self, x: Tensor, y: Tensor, logits: Tensor, routing: ExpertChoice) -> MoEOutput:
+        load = torch.full((self.n_experts,), routing.token_idx.shape[1], dtype=x.dtype,
+                          device=x.device)  # (E,)
+        return MoEOutput(y.reshape(x.shape), logits.new_zeros(()), router_z_loss(logits),
+                         logits, routing, load)
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        """`x` `(B, S, D)` or `(T, D)`."""
+        flat, logits, routing = self._route(x)
+        e, c = routing.token_idx.shape
+        token = routing.token_idx.reshape(-1)  # (E*C,)
+        xs = flat.index_select(0, token).reshape(e, c, -1)  # (E, C, D) X_in = P X, eq. 2
+        rows = self.experts(xs).reshape(e * c, -1)  # (E*C, D)
+        y = _Combine.apply(rows, token, routing.gates.reshape(-1), flat.shape[0])  # (T, D) eq. 3
+        return self._output(x, y, logits, routing)
+
+    def loop_forward(self, x: Tensor) -> MoEOutput:
+        """The oracle: `expert_choice_moe` over `self.experts.expert_fns()`, expert by expert."""
+        flat, logits, routing = self._route(x)
+        y = expert_choice_moe(flat, self.experts.expert_fns(), routing.gates, routing.token_idx)
+        return self._output(x, y, logits, routing)
+
+    @classmethod
+    def from_moe_feed_forward(cls, layer: MoEFeedForward) -> ExpertChoiceMoE:
+        """An `ExpertChoiceMoE` with copies of an expert-choice `MoEFeedForward`'s weights."""
+        if not isinstance(layer, MoEFeedForward) or layer.router != "expert_choice":
+            router = getattr(layer, "router", None)
+            raise ValueError("layer must be an MoEFeedForward with router='expert_choice'; got "
+                             f"{type(layer).__name__} with router={router!r}")
+        bank = ExpertBank.from_modules(list(layer.experts))
+        factor = layer.capacity_factor if layer.capacity_factor is not None else float(layer.k)
+        fast = cls(bank.d_model, bank.d_hidden, layer.n_experts, factor,
+                   "gelu").to(layer.gate.weight.dtype)
+        fast.experts = bank
+        with torch.no_grad():
+            fast.gate.weight.copy_(layer.gate.weight)
+        return fast
+
+
+class DenseFFN(nn.Module):
+    """One feed-forward network of the given expert kind, `(..., D) -> (..., D)`.
+
+    With `d_hidden = K * H` it has the active FLOPs of a top-k mixture of `E` experts of
+    width `H` (`moe_flops` without the router): the practical lower bound on a mixture's
+    time, used by `benchmarks/bench_layers.py`.
+
+    >>> DenseFFN(d_model=8, d_hidden=32, expert="swiglu")(torch.randn(2, 5, 8)).shape
+    torch.Size([2, 5, 8])
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, expert: str = "gelu") -> None:
+        super().__init__()
+        if expert not in EXPERT_KINDS:
+            raise ValueError(f"expert must be one of {EXPERT_KINDS}; got {expert!r}")
+        self.d_model = positive_int("d_model", d_model)
+        self.ffn = Expert(d_model, d_hidden) if expert == "gelu" else SwiGLUExpert(d_model,
+                                                                                   d_hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        float_tensor("x", x, shape_hint="(..., D)")
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be (..., D) with D = {self.d_model}; got shape "
+                             f"{tuple(x.shape)}")
+        return self.ffn(x)
