@@ -60,8 +60,7 @@ def _test(args: argparse.Namespace) -> int:
     root = course_root()
     extra = list(args.pytest_args)
     if not any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in extra):
-        # One worker per core; tests that share an nbgrader course stay on one worker.
-        extra = ["-n", "auto", "--dist", "loadgroup", *extra]
+        extra = ["-n", "auto", *extra]  # one worker per core
     return subprocess.call([sys.executable, "-m", "pytest", *extra], cwd=root)
 
 

@@ -152,12 +152,10 @@ def _fill(release_nb: Path, source_nb: Path, grade_ids: set[str]) -> nbformat.No
     return nb
 
 
-@pytest.fixture(scope="session")
-def course(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def _build_course(tmp: Path) -> dict:
     """A temporary nbgrader course: generate, submit three students, autograde, feedback,
     export. Students: `solution` (the source notebook), `blank` (the release untouched) and
     `partly` (the first answer of each notebook filled in, the rest left as stubs)."""
-    tmp = tmp_path_factory.mktemp("course")
     root = tmp / "course"
     root.mkdir()
     shutil.copy(ROOT / "nbgrader_config.py", root)
@@ -199,8 +197,7 @@ def course(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "expected": expected, "csv": tmp / "grades.csv"}
 
 
-@pytest.mark.xdist_group("nbgrader_course")
-def test_autograde_gives_each_exercise_exactly_its_points(course: dict) -> None:
+def _check_each_exercise_gets_exactly_its_points(course: dict) -> None:
     from nbgrader.api import Gradebook
 
     with Gradebook(f"sqlite:///{course['root'] / 'gradebook.db'}") as gb:
@@ -210,8 +207,7 @@ def test_autograde_gives_each_exercise_exactly_its_points(course: dict) -> None:
             assert grade.score == points, (student, assignment, test_id, grade.score, points)
 
 
-@pytest.mark.xdist_group("nbgrader_course")
-def test_feedback_holds_no_hidden_test_source(course: dict) -> None:
+def _check_feedback_holds_no_hidden_test_source(course: dict) -> None:
     pages = sorted((course["root"] / "feedback").rglob("*.html"))
     assert len(pages) == 3 * len(ASSIGNMENTS)
     for page in pages:
@@ -219,8 +215,7 @@ def test_feedback_holds_no_hidden_test_source(course: dict) -> None:
         assert "hidden=True" not in text and "BEGIN HIDDEN TESTS" not in text, page
 
 
-@pytest.mark.xdist_group("nbgrader_course")
-def test_export_csv_has_expected_totals(course: dict) -> None:
+def _check_export_csv_has_expected_totals(course: dict) -> None:
     totals: dict[tuple[str, str], float] = {}
     for (student, assignment, _), points in course["expected"].items():
         totals[(student, assignment)] = totals.get((student, assignment), 0.0) + points
@@ -228,3 +223,13 @@ def test_export_csv_has_expected_totals(course: dict) -> None:
         rows = list(csv.DictReader(f))
     got = {(r["student_id"], r["assignment"]): float(r["raw_score"]) for r in rows}
     assert got == totals, json.dumps({str(k): v for k, v in got.items()})
+
+
+def test_nbgrader_round_trip(tmp_path: Path) -> None:
+    """One temporary course, built once (one test, so pytest-xdist cannot build it twice):
+    autograde gives every exercise exactly its points (solution: all; release: 0; partly
+    right: exactly its part), feedback shows no hidden-test source, export has the totals."""
+    course = _build_course(tmp_path)
+    _check_each_exercise_gets_exactly_its_points(course)
+    _check_feedback_holds_no_hidden_test_source(course)
+    _check_export_csv_has_expected_totals(course)
