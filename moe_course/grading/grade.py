@@ -1,0 +1,395 @@
+"""`moe-course grade`: grade a class's notebooks with the pytest grader, write the gradebook.
+
+    moe-course grade PATH... --out DIR [--jobs N] [--timeout S] [--memory MB]
+                     [--assignment NAME] [--shard K/N]
+    moe-course grade --merge DIR... --out DIR
+
+PATH is a submission notebook, a folder of them, or nbgrader's `submitted/` tree
+(`submitted/<student>/<assignment>/<notebook>.ipynb`: student and assignment come from the
+path; elsewhere the student is the notebook's file name and the assignment is read from its
+cells' grade_ids). The grading itself is a pytest run of `moe_course.grading.pytest_grader`
+(one test item per autograded exercise of each submission, in parallel over `--jobs`
+pytest-xdist workers); this module finds the submissions, starts that run, and writes:
+
+- `DIR/grades.csv`: exactly `student,assignment,exercise,score,max_score`, one row per
+  autograded exercise of each submission (also when it crashed or is missing; `exercise` is
+  the answer cell's grade_id). Written answers are graded by hand, so they are not rows here;
+  `grades.json` lists them under `manual` with their points;
+- `DIR/grades.json`: the same scores with every check's message, the cell errors, the
+  sandbox attempts and seconds, and `complete` (every submission graded);
+- `DIR/feedback/<student>/<assignment>.md`: per-learner feedback with the visible checks'
+  messages and only pass or fail for the hidden ones.
+
+Every file is written once, at the end, after every sandbox is gone, and atomically. The exit
+status is 0 when every submission was graded, whatever the scores.
+
+A class too big for one machine is sharded: run `--shard 1/4` ... `--shard 4/4` (each takes
+every 4th submission in sorted order) on four machines, then `--merge` their output folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .registry import EXERCISES, Exercise, exercises_for
+from .sandbox import Cell, Limits
+
+CSV_COLUMNS = ("student", "assignment", "exercise", "score", "max_score")
+NOTEBOOK_LIMIT = 64 << 20  # largest notebook file read (bytes); outputs make most of it
+ASSIGNMENTS = frozenset(ex.assignment for ex in EXERCISES.values())
+
+
+class NotebookError(ValueError):
+    """A submitted notebook that cannot be read as a notebook."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One learner's notebook for one assignment."""
+
+    student: str  # from submitted/<student>/<assignment>/, else the notebook's file name
+    assignment: str  # from the folder name, else from the notebook's grade_ids
+    path: Path  # the notebook file
+
+    @property
+    def key(self) -> str:
+        """`student/assignment`, unique within a grading run."""
+        return f"{self.student}/{self.assignment}"
+
+    @property
+    def exercises(self) -> list[Exercise]:
+        return exercises_for(self.assignment)
+
+
+def read_cells(path: Path) -> list[Cell]:
+    """The code cells of a notebook file, read as plain JSON (outputs are ignored).
+
+    Raises `NotebookError` for a file that is too large, not JSON, or not shaped like a
+    notebook, so that the submission scores 0 with that reason instead of stopping the run.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(NOTEBOOK_LIMIT + 1)
+    except OSError as exc:
+        raise NotebookError(f"the notebook could not be read ({exc.strerror})") from None
+    if len(data) > NOTEBOOK_LIMIT:
+        raise NotebookError(f"the notebook is larger than {NOTEBOOK_LIMIT >> 20} MiB")
+    try:
+        nb = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise NotebookError(f"the notebook is not valid JSON ({str(exc)[:120]})") from None
+    raw = nb.get("cells") if isinstance(nb, dict) else None
+    if not isinstance(raw, list):
+        raise NotebookError("the notebook has no list of cells")
+    cells = []
+    for index, cell in enumerate(raw):
+        if not isinstance(cell, dict) or cell.get("cell_type") != "code":
+            continue
+        source = cell.get("source", "")
+        if isinstance(source, list) and all(isinstance(s, str) for s in source):
+            source = "".join(source)
+        if not isinstance(source, str):
+            raise NotebookError(f"cell {index} has a source that is not text")
+        meta = cell.get("metadata")
+        grading = meta.get("nbgrader") if isinstance(meta, dict) else None
+        grading = grading if isinstance(grading, dict) else {}
+        grade_id = grading.get("grade_id")
+        cells.append(Cell(index=index, source=source,
+                          grade_id=grade_id if isinstance(grade_id, str) else None,
+                          tests=bool(grading.get("grade")) and not grading.get("solution")))
+    return cells
+
+
+def _assignment_from_cells(path: Path) -> str:
+    try:
+        cells = read_cells(path)
+    except NotebookError as exc:
+        raise ValueError(f"{path}: cannot tell its assignment: {exc}") from None
+    votes = Counter(EXERCISES[c.grade_id].assignment for c in cells
+                    if c.grade_id in EXERCISES)
+    if not votes:
+        raise ValueError(f"{path}: no cell has a grade_id of a known exercise, so its "
+                         "assignment is unknown; put it under <student>/<assignment>/ or pass "
+                         "--assignment")
+    (best, n), *rest = votes.most_common()
+    if rest and rest[0][1] == n:
+        raise ValueError(f"{path}: its cells belong to several assignments "
+                         f"({', '.join(sorted(votes))}); pass --assignment")
+    return best
+
+
+def _notebooks(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*.ipynb") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(path).parts))
+    raise ValueError(f"{path}: no such file or folder")
+
+
+def find_submissions(paths: Iterable[str | Path], assignment: str | None = None
+                     ) -> list[Submission]:
+    """The submissions under `paths`, sorted by student then assignment.
+
+    A notebook in a folder named like an assignment (`<student>/<assignment>/x.ipynb`, as in
+    nbgrader's `submitted/` tree) is that student's work for that assignment; any other
+    notebook is the work of the student named by its file name, for `assignment` or else for
+    the assignment its cells' grade_ids belong to.
+    """
+    if assignment is not None and assignment not in ASSIGNMENTS:
+        raise ValueError(f"unknown assignment {assignment!r}; known: "
+                         f"{', '.join(sorted(ASSIGNMENTS))}")
+    found: dict[str, Submission] = {}
+    duplicates = []
+    for given in paths:
+        for nb in _notebooks(Path(given)):
+            nb = nb.resolve()
+            if nb.parent.name in ASSIGNMENTS and nb.parent.parent != nb.parent:
+                sub = Submission(nb.parent.parent.name, nb.parent.name, nb)
+            else:
+                sub = Submission(nb.stem, assignment or _assignment_from_cells(nb), nb)
+            if sub.key in found and found[sub.key].path != nb:
+                duplicates.append(f"{sub.key}: {found[sub.key].path} and {nb}")
+            found[sub.key] = sub
+    if duplicates:
+        raise ValueError("two notebooks for the same student and assignment:\n  "
+                         + "\n  ".join(duplicates))
+    return sorted(found.values(), key=lambda s: (s.student, s.assignment))
+
+
+def shard(submissions: Sequence[Submission], spec: str) -> list[Submission]:
+    """Every N-th submission starting at the K-th, for `spec` = "K/N".
+
+    >>> subs = [Submission(s, "01_experts_and_gating", Path(s)) for s in "abcde"]
+    >>> [s.student for s in shard(subs, "2/2")]
+    ['b', 'd']
+    """
+    match = re.fullmatch(r"(\d+)/(\d+)", spec)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise ValueError(f"--shard must be K/N with 1 <= K <= N; got {spec!r}")
+    k, n = int(match[1]), int(match[2])
+    return [s for i, s in enumerate(submissions) if i % n == k - 1]
+
+
+# ----------------------------------------------------------------------------------------
+# The gradebook: grades.csv, grades.json and feedback, from the per-exercise results.
+
+
+def _safe_name(name: str) -> str:
+    clean = re.sub(r"[^\w.@+-]", "_", name).lstrip(".")
+    return clean or "_"
+
+
+def _one_line(text: Any, limit: int = 600) -> str:
+    text = " ".join(str(text).split())
+    text = "".join(ch for ch in text if ch.isprintable())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def feedback_markdown(sub: dict[str, Any]) -> str:
+    """A learner's feedback page: visible checks with messages, hidden ones pass/fail only."""
+    exercises = sub["exercises"]
+    score = sum(e["score"] for e in exercises)
+    total = sum(e["max_score"] for e in exercises)
+    lines = [f"# {sub['assignment']}: feedback for {sub['student']}", "",
+             f"**Autograded score: {score:g} / {total:g}**"]
+    manual = sub.get("manual", [])
+    if manual:
+        points = sum(m["max_score"] for m in manual)
+        lines.append(f"Written answers ({points:g} points) are graded by hand and are not "
+                     "included here.")
+    for e in exercises:
+        lines += ["", f"## {e['exercise']} ({e['symbol']}): {e['score']:g} / "
+                      f"{e['max_score']:g}"]
+        if e["status"] == "not graded":
+            lines.append("- not graded: the grader failed on this notebook; your instructor "
+                         "has been told")
+        hidden_n = 0
+        for check in e["checks"]:
+            mark = "passed" if check["passed"] else "failed"
+            if check["hidden"]:
+                hidden_n += 1
+                lines.append(f"- hidden check {hidden_n}: {mark}")
+            elif check["passed"]:
+                lines.append(f"- check \"{_one_line(check['name'], 120)}\": passed")
+            else:
+                lines.append(f"- check \"{_one_line(check['name'], 120)}\": failed: "
+                             f"{_one_line(check['message'] or '')}")
+    errors = sub.get("cell_errors", [])
+    if errors:
+        lines += ["", "## Cells that raised or were stopped"]
+        lines += [f"- cell {c['cell']}" + (f" ({c['grade_id']})" if c.get("grade_id") else "")
+                  + f": {_one_line(c['error'], 300)}" for c in errors]
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def csv_text(submissions: Sequence[dict[str, Any]]) -> str:
+    """grades.csv: the header and one row per autograded exercise of each submission."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for sub in submissions:
+        for e in sub["exercises"]:
+            writer.writerow([sub["student"], sub["assignment"], e["exercise"],
+                             f"{e['score']:g}", f"{e['max_score']:g}"])
+    return buffer.getvalue()
+
+
+def write_gradebook(out: Path, submissions: Sequence[dict[str, Any]],
+                    errors: Sequence[str] = (), extra: dict[str, Any] | None = None) -> bool:
+    """Write grades.csv, grades.json and the feedback pages; return whether all was graded."""
+    out = Path(out)
+    submissions = sorted(submissions, key=lambda s: (s["student"], s["assignment"]))
+    complete = not errors and all(e["status"] != "not graded"
+                                  for s in submissions for e in s["exercises"])
+    for sub in submissions:
+        page = out / "feedback" / _safe_name(sub["student"]) / f"{_safe_name(sub['assignment'])}.md"
+        _write_atomic(page, feedback_markdown(sub))
+    report = {"complete": complete, "errors": list(errors), **(extra or {}),
+              "submissions": list(submissions)}
+    _write_atomic(out / "grades.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
+    _write_atomic(out / "grades.csv", csv_text(submissions))
+    return complete
+
+
+def merge(folders: Sequence[str | Path], out: str | Path) -> bool:
+    """Merge the grades.json of several shards into one gradebook in `out`."""
+    submissions: dict[str, dict[str, Any]] = {}
+    errors: list[str] = []
+    for folder in folders:
+        path = Path(folder) / "grades.json"
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a grader output ({exc})") from None
+        errors += [f"{folder}: {e}" for e in report.get("errors", [])]
+        for sub in report.get("submissions", []):
+            key = f"{sub['student']}/{sub['assignment']}"
+            if key in submissions:
+                raise ValueError(f"{key} was graded in two shards; grade each once")
+            submissions[key] = sub
+    return write_gradebook(Path(out), list(submissions.values()), errors)
+
+
+# ----------------------------------------------------------------------------------------
+# The command.
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe-course grade", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="notebooks, folders of them, or nbgrader's submitted/ folder "
+                             "(with --merge: output folders of shards)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="where grades.csv, grades.json and feedback/ go")
+    parser.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+                        help="submissions graded in parallel (pytest-xdist workers)")
+    defaults = Limits()
+    parser.add_argument("--timeout", type=float, default=defaults.timeout, metavar="S",
+                        help="wall seconds for one cell and for one exercise's checks "
+                             f"(default {defaults.timeout:g})")
+    parser.add_argument("--memory", type=int, default=defaults.memory_mb, metavar="MB",
+                        help="address-space limit of a learner's process "
+                             f"(default {defaults.memory_mb})")
+    parser.add_argument("--assignment", help="the assignment of notebooks whose path does "
+                                             "not say it")
+    parser.add_argument("--shard", metavar="K/N", help="grade only every N-th submission, "
+                                                       "starting at the K-th")
+    parser.add_argument("--merge", action="store_true",
+                        help="merge the output folders PATH... of shards into --out")
+    return parser
+
+
+def pytest_args(paths: Sequence[str | Path], out: str | Path, jobs: int, limits: Limits,
+                assignment: str | None, config_dir: str) -> list[str]:
+    """The pytest command line of a grading run (without the leading `pytest`)."""
+    ini = Path(config_dir) / "pytest.ini"
+    ini.write_text("[pytest]\n")  # an empty config: no addopts, conftests or paths of others
+    args = ["-p", "moe_course.grading.pytest_grader", "-c", str(ini), "--rootdir", config_dir,
+            "--noconftest", "-p", "no:cacheprovider", "-q", "--tb=no", "-rN",
+            "--grades-out", str(out), "--grader-timeout", str(limits.timeout),
+            "--grader-memory", str(limits.memory_mb)]
+    if assignment:
+        args += ["--grader-assignment", assignment]
+    if jobs > 1:
+        if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+            args += ["-p", "xdist.plugin"]  # otherwise it is loaded as installed
+        args += ["-n", str(jobs), "--dist", "loadgroup"]
+    for path in paths:
+        args += ["--submission", str(Path(path).resolve())]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `moe-course grade`; 0 when every submission was graded, 1 when not, 2 on misuse."""
+    args = _parser().parse_args(argv)
+    if args.merge:
+        try:
+            complete = merge(args.paths, args.out)
+        except ValueError as exc:
+            print(f"moe-course grade --merge: {exc}", file=sys.stderr)
+            return 2
+        print(f"merged {len(args.paths)} gradebooks into {args.out}")
+        return 0 if complete else 1
+    try:
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1; got {args.jobs}")
+        if args.jobs > 1 and importlib.util.find_spec("xdist") is None:
+            raise ValueError("--jobs > 1 needs pytest-xdist: pip install pytest-xdist")
+        limits = Limits(timeout=args.timeout, memory_mb=args.memory)
+        subs = find_submissions(args.paths, args.assignment)
+        if args.shard:
+            subs = shard(subs, args.shard)
+    except ValueError as exc:
+        print(f"moe-course grade: {exc}", file=sys.stderr)
+        return 2
+    if not subs:
+        print("moe-course grade: no submissions found", file=sys.stderr)
+        return 2
+    import pytest
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="moe-grade-config-") as config_dir:
+        code = pytest.main(pytest_args([s.path for s in subs], args.out, min(args.jobs,
+                                       len(subs)), limits, args.assignment, config_dir))
+    try:
+        report = json.loads((Path(args.out) / "grades.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        print(f"moe-course grade: pytest ended with status {int(code)} and wrote no "
+              "gradebook", file=sys.stderr)
+        return 1
+    graded = report["submissions"]
+    score = sum(e["score"] for s in graded for e in s["exercises"])
+    total = sum(e["max_score"] for s in graded for e in s["exercises"])
+    print(f"graded {len(graded)} submissions: {score:g} / {total:g} autograded points; "
+          f"wrote {Path(args.out) / 'grades.csv'}")
+    for error in report.get("errors", []):
+        print(f"not graded: {error}", file=sys.stderr)
+    return 0 if report["complete"] else 1

@@ -1,0 +1,294 @@
+"""pytest plugin of the course's grader: each autograded exercise of a submission is a test.
+
+    pytest -p moe_course.grading.pytest_grader --noconftest --submission alice.ipynb \\
+           [--submission submitted/] [--grades-out DIR] [--grader-timeout S] \\
+           [--grader-memory MB] [-p xdist.plugin -n 4 --dist loadgroup]
+
+For every submission (see `grade.find_submissions`) the plugin collects one item per
+autograded exercise, with node id `<student>/<assignment>::<grade_id>`. The first item of a
+submission to run executes the notebook in a sandbox (`sandbox.run_sandboxed`: a separate,
+limited, walled-in process); every item then judges its exercise's probes here, in the
+trusted process, with `judge_probe` against the reference. An item passes when all its
+visible and hidden checks pass, and then earns the exercise's points (nbgrader's rule for
+a tests cell). Under pytest-xdist, `--dist loadgroup` keeps a submission's items on one
+worker, so each notebook runs once.
+
+Results travel in each report's `user_properties` (plain JSON), so the controller sees
+them from any worker; with `--grades-out DIR` it writes the gradebook there at the end
+(`grade.write_gradebook`). Submissions are read at collection time, before any learner code
+runs, and the plugin collects nothing from the file system: no conftest, test module or
+configuration next to a submission is ever imported. Pass `--noconftest` anyway when running
+pytest by hand in a folder you do not trust (`moe-course grade` does).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from .grade import NotebookError, Submission, find_submissions, read_cells, write_gradebook
+from .probe import CheckFailure
+from .registry import Exercise
+from .runner import judge_probe
+from .sandbox import Limits, SandboxRun, run_sandboxed
+
+PROPERTY = "moe_course_grade"  # user_properties key of an item's result (a JSON string)
+
+_INPUTS: dict[tuple[str, str], Any] = {}  # probe inputs, made once per process
+
+
+def probe_inputs(exercise: Exercise, probe: Any) -> Any:
+    """The inputs of `probe`, computed once per process (they are seeded and deterministic)."""
+    key = (exercise.grade_id, probe.name)
+    if key not in _INPUTS:
+        _INPUTS[key] = probe.inputs()
+    return _INPUTS[key]
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(v) for v in value)
+    return value
+
+
+def plain(value: Any, depth: int = 0) -> Any:
+    """Outputs as the judges expect them: dense CPU tensors and plain containers only.
+
+    A tensor that is sparse, quantized, on the meta device or otherwise unusual becomes a
+    description, which every judge refuses with a message.
+
+    >>> plain({"result": torch.ones(2).to_sparse()})["result"]["kind"]
+    'object'
+    """
+    if isinstance(value, Tensor):
+        if (type(value) is not Tensor or value.layout != torch.strided or value.is_quantized
+                or value.device.type != "cpu"):
+            return {"kind": "object", "type": f"torch.Tensor ({value.layout}, "
+                                             f"{value.device.type})", "repr": "tensor"}
+        return value.detach().contiguous().clone()
+    if depth > 8:
+        return {"kind": "object", "type": "nesting", "repr": "too deeply nested"}
+    if isinstance(value, dict):
+        return {k: plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v, depth + 1) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return {"kind": "object", "type": type(value).__name__, "repr": "?"}
+
+
+def _prefixed(exercise: Exercise, name: str, message: str) -> str:
+    head = f"{exercise.symbol}, check '{name}': "
+    return message if message.startswith(head) else head + message
+
+
+def judge_exercise(exercise: Exercise, run: SandboxRun | None, problem: str | None
+                   ) -> dict[str, Any]:
+    """Judge one exercise from a sandbox run (trusted side); a JSON-ready result.
+
+    `problem` is why the notebook could not be run at all (it then scores 0). The score is
+    the exercise's points when every visible and hidden check passes, else 0.
+    """
+    checks = []
+    for hidden, probes in ((False, exercise.visible), (True, exercise.hidden)):
+        for probe in probes:
+            message = problem
+            if message is None and run is not None:
+                outcome = run.probes.get(exercise.grade_id, {}).get(probe.name)
+                if outcome is None:
+                    message = "not run"
+                elif outcome.error is not None:
+                    message = outcome.error
+                else:
+                    try:
+                        judge_probe(exercise, probe, _copy(probe_inputs(exercise, probe)),
+                                    plain(outcome.outputs))
+                    except CheckFailure as failure:
+                        message = failure.message
+                    except Exception as exc:  # a judge meeting outputs it did not foresee
+                        message = f"your results could not be judged ({type(exc).__name__})"
+            checks.append({"name": probe.name, "hidden": hidden, "passed": message is None,
+                           "message": None if message is None else
+                           _prefixed(exercise, probe.name, message)})
+    failed = run is not None and run.failure is not None
+    passed = not failed and bool(checks) and all(c["passed"] for c in checks)
+    return {"exercise": exercise.grade_id, "symbol": exercise.symbol,
+            "score": float(exercise.points) if passed else 0.0,
+            "max_score": float(exercise.points),
+            "status": "not graded" if failed else "passed" if passed else "failed",
+            "checks": checks}
+
+
+class ExerciseFailed(Exception):
+    """An exercise that earned 0 points; its message lists the failed checks."""
+
+
+class SubmissionNode(pytest.Collector):
+    """One submitted notebook: runs it once in a sandbox, shared by its exercise items."""
+
+    def __init__(self, *, submission: Submission, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.submission = submission
+        self.limits = limits
+        self._run: SandboxRun | None = None
+        self._problem: str | None = None
+        try:
+            self._cells = read_cells(submission.path)
+        except NotebookError as exc:
+            self._cells, self._problem = [], str(exc)
+
+    def collect(self) -> list[ExerciseItem]:
+        return [ExerciseItem.from_parent(self, name=ex.grade_id, exercise=ex)
+                for ex in self.submission.exercises if ex.kind != "written"]
+
+    def sandbox_run(self) -> tuple[SandboxRun | None, str | None]:
+        if self._run is None and self._problem is None:
+            self._run = run_sandboxed(self._cells, self.submission.exercises, self.limits,
+                                      probe_inputs)
+        return self._run, self._problem
+
+    def summary(self) -> dict[str, Any]:
+        """What grades.json says about the submission besides its exercises."""
+        run = self._run
+        grade_ids = {c.index: c.grade_id for c in self._cells}
+        errors = [] if run is None else [
+            {"cell": i, "grade_id": grade_ids.get(i), "error": e, "stopped": i in run.stopped}
+            for i, e in sorted(run.cell_errors.items())]
+        return {"student": self.submission.student, "assignment": self.submission.assignment,
+                "notebook": str(self.submission.path), "cell_errors": errors,
+                "attempts": run.attempts if run else 0,
+                "seconds": round(run.seconds, 2) if run else 0.0,
+                "isolation": run.walls if run else {},
+                "failure": (run.failure if run else None) or None,
+                "problem": self._problem}
+
+
+class ExerciseItem(pytest.Item):
+    """One autograded exercise of one submission, carrying its points."""
+
+    def __init__(self, *, exercise: Exercise, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.exercise = exercise
+        self.add_marker(pytest.mark.xdist_group(self.parent.submission.key))
+        self.user_properties.append(("max_score", exercise.points))
+
+    def runtest(self) -> None:
+        node: SubmissionNode = self.parent  # type: ignore[assignment]
+        run, problem = node.sandbox_run()
+        result = judge_exercise(self.exercise, run, problem)
+        self.user_properties.append((PROPERTY, json.dumps({**node.summary(), **result})))
+        if result["status"] != "passed":
+            failed = [c["message"] for c in result["checks"] if not c["passed"]]
+            if run is not None and run.failure:
+                failed.insert(0, f"not graded: {run.failure}")
+            raise ExerciseFailed("\n".join(failed))
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None
+                     ) -> str:
+        if isinstance(excinfo.value, ExerciseFailed):
+            return f"{self.nodeid}: 0 / {self.exercise.points} points\n{excinfo.value}"
+        return str(super().repr_failure(excinfo, style=style))
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.path, None, self.nodeid
+
+
+class GraderSession:
+    """Collects the submissions' items and, in the controller, writes the gradebook."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.limits = Limits(timeout=config.getoption("grader_timeout"),
+                             memory_mb=config.getoption("grader_memory"))
+        try:
+            self.submissions = find_submissions(config.getoption("submission"),
+                                                config.getoption("grader_assignment"))
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def _controller_of_workers(self) -> bool:
+        return self.config.pluginmanager.has_plugin("dsession")
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection(self, session: pytest.Session) -> bool | None:
+        if self._controller_of_workers():
+            return None  # xdist's controller collects nothing; its workers do
+        items: list[pytest.Item] = []
+        for sub in self.submissions:
+            node = SubmissionNode.from_parent(session, name=sub.key, nodeid=sub.key,
+                                              path=sub.path, submission=sub,
+                                              limits=self.limits)
+            items += node.collect()
+        session.items = items
+        hook = self.config.hook
+        hook.pytest_collection_modifyitems(session=session, config=self.config, items=items)
+        hook.pytest_collection_finish(session=session)
+        session.testscollected = len(items)
+        return True
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for key, value in report.user_properties:
+            if key == PROPERTY:  # (xdist's loadgroup renames node ids: key by content)
+                result = json.loads(value)
+                self.results[f"{result['student']}/{result['assignment']}::"
+                             f"{result['exercise']}"] = result
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        out = self.config.getoption("grades_out")
+        if out is None or hasattr(self.config, "workerinput"):
+            return
+        graded = []
+        for sub in self.submissions:
+            exercises, summary = [], None
+            for ex in sub.exercises:
+                if ex.kind == "written":
+                    continue
+                found = self.results.get(f"{sub.key}::{ex.grade_id}")
+                if found is None:
+                    found = {"exercise": ex.grade_id, "symbol": ex.symbol, "score": 0.0,
+                             "max_score": float(ex.points), "status": "not graded",
+                             "checks": []}
+                else:
+                    summary = {k: v for k, v in found.items() if k not in (
+                        "exercise", "symbol", "score", "max_score", "status", "checks")}
+                exercises.append({k: found[k] for k in (
+                    "exercise", "symbol", "score", "max_score", "status", "checks")})
+            summary = summary or {"student": sub.student, "assignment": sub.assignment,
+                                  "notebook": str(sub.path), "cell_errors": [],
+                                  "failure": "not run"}
+            graded.append({**summary, "exercises": exercises, "manual": [
+                {"exercise": ex.grade_id, "max_score": float(ex.points)}
+                for ex in sub.exercises if ex.kind == "written"]})
+        limits = {"timeout": self.limits.timeout, "memory_mb": self.limits.memory_mb}
+        write_gradebook(out, graded, extra={"limits": limits})
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("moe_course", "moe-course grader")
+    group.addoption("--submission", action="append", default=[], metavar="PATH",
+                    help="a submitted notebook, a folder of them or nbgrader's submitted/ "
+                         "tree (repeatable)")
+    group.addoption("--grades-out", default=None, metavar="DIR",
+                    help="write grades.csv, grades.json and feedback/ there at the end")
+    defaults = Limits()
+    group.addoption("--grader-timeout", type=float, default=defaults.timeout, metavar="S",
+                    help="wall seconds for one cell and for one exercise's checks")
+    group.addoption("--grader-memory", type=int, default=defaults.memory_mb, metavar="MB",
+                    help="address-space limit of the learner's process")
+    group.addoption("--grader-assignment", default=None, metavar="NAME",
+                    help="the assignment of notebooks whose path does not say it")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "xdist_group(name): keep a submission on one worker")
+    if config.getoption("submission"):
+        config.pluginmanager.register(GraderSession(config), "moe_course_grader")
