@@ -91,7 +91,9 @@ def test_solution_runs_top_to_bottom_and_validates(
         assignment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The source notebook runs without error in a fresh kernel within its time budget, its
     test cells print nothing to stderr, and nbgrader's Validator passes it."""
+    from nbgrader.preprocessors import CheckCellMetadata
     from nbgrader.validator import Validator
+    from traitlets.config import Config
 
     env = _jupyter_env(tmp_path)
     for key in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR",
@@ -114,10 +116,13 @@ def test_solution_runs_top_to_bottom_and_validates(
             bad = [o for o in cell.outputs if o.output_type == "error"
                    or (o.output_type == "stream" and o.name == "stderr")]
             assert not bad, (grade["grade_id"], bad)
-    # nbgrader's own validation (it executes the notebook again, as `nbgrader validate` does)
+    # nbgrader's own validation of the run above (`nbgrader validate` without re-executing:
+    # the cell metadata is checked and every graded cell's outputs must show a pass)
     work = tmp_path / source.name
-    shutil.copy(source, work)
-    result = Validator().validate(str(work))
+    nbformat.write(nb, work)
+    config = Config()
+    config.Validator.preprocessors = [CheckCellMetadata]
+    result = Validator(config=config).validate(str(work))
     assert result == {}, result
 
 
