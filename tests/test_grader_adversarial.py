@@ -245,6 +245,9 @@ def _messages(graded: dict, name: str) -> dict:
 def test_the_run_ends_within_its_limits_and_says_why(graded: dict) -> None:
     assert graded["status"] == 0, graded["log"][-3000:]
     assert graded["report"]["complete"]
+    workers = [{e["worker"] for e in sub["exercises"]} for sub in graded["report"]["submissions"]]
+    assert all(len(w) == 1 for w in workers), workers  # each notebook ran on one worker, once
+    assert set().union(*workers) == {"gw0", "gw1"}
     assert graded["seconds"] < 180, graded["seconds"]
     why = {name: json.dumps(_messages(graded, name)) for name in BY_NAME}
     assert "time limit" in why["loop_in_function"]

@@ -341,7 +341,7 @@ def pytest_args(paths: Sequence[str | Path], out: str | Path, jobs: int, limits:
     if jobs > 1:
         if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
             args += ["-p", "xdist.plugin"]  # otherwise it is loaded as installed
-        args += ["-n", str(jobs), "--dist", "loadgroup"]
+        args += ["-n", str(jobs), "--dist", "loadscope"]  # scope: student/assignment
     for path in paths:
         args += ["--submission", str(Path(path).resolve())]
     return args

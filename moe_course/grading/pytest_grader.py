@@ -2,7 +2,7 @@
 
     pytest -p moe_course.grading.pytest_grader --noconftest --submission alice.ipynb \\
            [--submission submitted/] [--grades-out DIR] [--grader-timeout S] \\
-           [--grader-memory MB] [-p xdist.plugin -n 4 --dist loadgroup]
+           [--grader-memory MB] [-n 4 --dist loadscope]
 
 For every submission (see `grade.find_submissions`) the plugin collects one item per
 autograded exercise, with node id `<student>/<assignment>::<grade_id>`. The first item of a
@@ -10,8 +10,8 @@ submission to run executes the notebook in a sandbox (`sandbox.run_sandboxed`: a
 limited, walled-in process); every item then judges its exercise's probes here, in the
 trusted process, with `judge_probe` against the reference. An item passes when all its
 visible and hidden checks pass, and then earns the exercise's points (nbgrader's rule for
-a tests cell). Under pytest-xdist, `--dist loadgroup` keeps a submission's items on one
-worker, so each notebook runs once.
+a tests cell). Under pytest-xdist, `--dist loadscope` keeps a submission's items (its scope
+is `<student>/<assignment>`) on one worker, so each notebook runs once.
 
 Results travel in each report's `user_properties` (plain JSON), so the controller sees
 them from any worker; with `--grades-out DIR` it writes the gradebook there at the end
@@ -24,6 +24,7 @@ pytest by hand in a folder you do not trust (`moe-course grade` does).
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
@@ -37,6 +38,7 @@ from .runner import judge_probe
 from .sandbox import Limits, SandboxRun, run_sandboxed
 
 PROPERTY = "moe_course_grade"  # user_properties key of an item's result (a JSON string)
+_EXERCISE_KEYS = ("exercise", "symbol", "score", "max_score", "status", "checks", "worker")
 
 _INPUTS: dict[tuple[str, str], Any] = {}  # probe inputs, made once per process
 
@@ -177,13 +179,13 @@ class ExerciseItem(pytest.Item):
     def __init__(self, *, exercise: Exercise, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.exercise = exercise
-        self.add_marker(pytest.mark.xdist_group(self.parent.submission.key))
         self.user_properties.append(("max_score", exercise.points))
 
     def runtest(self) -> None:
         node: SubmissionNode = self.parent  # type: ignore[assignment]
         run, problem = node.sandbox_run()
         result = judge_exercise(self.exercise, run, problem)
+        result["worker"] = os.environ.get("PYTEST_XDIST_WORKER", "main")
         self.user_properties.append((PROPERTY, json.dumps({**node.summary(), **result})))
         if result["status"] != "passed":
             failed = [c["message"] for c in result["checks"] if not c["passed"]]
@@ -237,7 +239,7 @@ class GraderSession:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for key, value in report.user_properties:
-            if key == PROPERTY:  # (xdist's loadgroup renames node ids: key by content)
+            if key == PROPERTY:
                 result = json.loads(value)
                 self.results[f"{result['student']}/{result['assignment']}::"
                              f"{result['exercise']}"] = result
@@ -258,10 +260,8 @@ class GraderSession:
                              "max_score": float(ex.points), "status": "not graded",
                              "checks": []}
                 else:
-                    summary = {k: v for k, v in found.items() if k not in (
-                        "exercise", "symbol", "score", "max_score", "status", "checks")}
-                exercises.append({k: found[k] for k in (
-                    "exercise", "symbol", "score", "max_score", "status", "checks")})
+                    summary = {k: v for k, v in found.items() if k not in _EXERCISE_KEYS}
+                exercises.append({k: found[k] for k in _EXERCISE_KEYS if k in found})
             summary = summary or {"student": sub.student, "assignment": sub.assignment,
                                   "notebook": str(sub.path), "cell_errors": [],
                                   "failure": "not run"}
@@ -289,6 +289,5 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "xdist_group(name): keep a submission on one worker")
     if config.getoption("submission"):
         config.pluginmanager.register(GraderSession(config), "moe_course_grader")

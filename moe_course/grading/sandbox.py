@@ -1,10 +1,11 @@
 """Running a submission's code in a separate, limited process: the grader's trusted side.
 
 `run_sandboxed(cells, exercises, limits, inputs)` executes a notebook's code cells in order in
-a fresh `python -m moe_course.grading.sandbox_worker` process and, at each exercise's tests
-cell, has the worker call the learner's object on the probe inputs that this (trusted)
-process made. It returns what came back, as plain data, for `judge_probe` to judge here.
-The learner's process:
+a fresh worker process and, at each exercise's tests cell, has the worker call the learner's
+object on the probe inputs that this (trusted) process made (`plan`). It returns what came
+back, as plain data, for `judge_probe` to judge here. The worker is forked from a `Zygote`,
+a clean process that imported torch once, or else spawned as ``python -m
+moe_course.grading.sandbox_worker``. The learner's process:
 
 - starts in its own session with a minimal environment and its own temporary working
   folder (also its HOME and TMPDIR), and sets its own limits before any learner code runs:
@@ -15,9 +16,9 @@ The learner's process:
 - gets `Limits.timeout` seconds of wall time per cell and per exercise's checks. When a step
   overruns, it is sent SIGINT (ending the cell with KeyboardInterrupt, as Jupyter's
   interrupt does); if it is still running a few seconds later, its whole process group is
-  killed. A step that hangs or kills the process (`os._exit`, a crash, the memory limit) is
-  blamed, and a fresh sandbox reruns the notebook without it, at most `Limits.attempts`
-  times in all;
+  killed, and then anything it left behind. A step that hangs or kills the process
+  (`os._exit`, a crash, the memory limit) is blamed, and a fresh sandbox reruns the notebook
+  without it, at most `Limits.attempts` times in all;
 - reports through a pipe as length-prefixed frames. Each frame must be a `torch.save` zip
   archive of stored (uncompressed) entries, at most `Limits.result_mb` in all, carrying this
   run's random nonce; it is read with `torch.load(weights_only=True)`, which builds tensors
@@ -169,6 +170,8 @@ def run_sandboxed(cells: Sequence[Cell], exercises: Sequence[Exercise], limits: 
         attempt.run()
         result.attempts += 1
         result.walls = attempt.walls or result.walls
+        for k in attempt.cells_run:  # the latest run of a cell says how it went
+            result.cell_errors.pop(steps[k]["index"], None)
         for k, error in attempt.cell_errors.items():
             result.cell_errors[steps[k]["index"]] = error
         result.stopped |= {steps[k]["index"] for k in attempt.stopped}
@@ -190,12 +193,11 @@ def run_sandboxed(cells: Sequence[Cell], exercises: Sequence[Exercise], limits: 
             for probe in _probes(exercise):
                 result.probes[exercise.grade_id].setdefault(
                     probe.name, ProbeOutcome(error=f"your {exercise.symbol} {last_reason}"))
+    missing = ("not graded: the grader failed" if result.failure else
+               f"not run: the notebook stopped {result.attempts} sandboxes (last: {last_reason})")
     for exercise in exercises:  # attempts used up (or the grader failed)
         for probe in _probes(exercise):
-            result.probes[exercise.grade_id].setdefault(probe.name, ProbeOutcome(
-                error=result.failure and "not graded: the grader failed" or
-                f"not run: the notebook stopped {result.attempts} sandboxes (last: "
-                f"{last_reason})"))
+            result.probes[exercise.grade_id].setdefault(probe.name, ProbeOutcome(error=missing))
     result.seconds = time.monotonic() - start
     return result
 
@@ -267,6 +269,7 @@ def _sweep(session: int, parents: set[int]) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     deadline = time.monotonic() + 2.0
+    ours: set[int] = set()  # orphans handed to this process: reaped here, or they stay zombies
     while time.monotonic() < deadline:
         strays = _strays(session, parents)
         for pid in strays:
@@ -274,9 +277,23 @@ def _sweep(session: int, parents: set[int]) -> None:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        ours |= set(strays) & set(_children())
         if not strays:
-            return
+            break
         time.sleep(0.02)
+    for pid in ours:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _children() -> list[int]:
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
 
 
 def _user_tasks() -> int:
@@ -480,7 +497,8 @@ class _Attempt:
         self.exercises, self.limits = exercises, limits
         self.nonce = secrets.token_hex(16)
         self.probes: dict[str, dict[str, ProbeOutcome]] = {}
-        self.cell_errors: dict[int, str] = {}
+        self.cell_errors: dict[int, str] = {}  # cell step -> its error
+        self.cells_run: set[int] = set()  # cell steps that finished, with or without error
         self.stopped: set[int] = set()  # cell steps interrupted for running too long
         self.walls: dict[str, Any] = {}
         self.culprit: int | None = None  # the step blamed for ending the run early
@@ -621,6 +639,7 @@ class _Attempt:
         if step["kind"] == "cell":
             if kind != "cell":
                 raise _Violation(f"a {kind!r} frame in a cell step")
+            self.cells_run.add(k)
             error = message.get("error")
             if interrupted:
                 error = overrun

@@ -1,17 +1,20 @@
 """The learner's side of the pytest grader: run one submission's cells and probes, walled in.
 
-`moe_course.grading.sandbox` starts this module as ``python -m
-moe_course.grading.sandbox_worker FD`` in a fresh process with resource limits, its own
-session, its own working folder and a minimal environment. The worker
+`moe_course.grading.sandbox` starts a worker for each sandboxed run, in its own session,
+working folder and minimal environment: forked by the zygote (``python -m
+moe_course.grading.sandbox_worker --zygote SOCKET_FD``, `zygote_main`, which imported torch
+and the grader once and never runs learner code), or spawned as ``python -m
+moe_course.grading.sandbox_worker FD``. The worker (`main`)
 
 1. reads its job from stdin with `torch.load(weights_only=True)`: the notebook's code cells,
-   where each exercise is checked (at its tests cell), and the probe inputs that the trusted
-   process made;
+   where each exercise is checked (at its tests cell), the probe inputs that the trusted
+   process made and the resource limits, which it sets (`apply_limits`);
 2. makes the references of the assignment's exercises trip when the exercise that owns them
    is being checked (`install_tripwires`), so that an alias captured by a cell trips too;
 3. walls itself in (`install_walls`): Landlock (no writes outside its folder, no signals to
-   or sockets with processes outside, no TCP), seccomp (no new processes: fork, vfork,
-   clone without CLONE_THREAD and exec are refused) and an audit hook (no subprocesses,
+   or sockets with processes outside, no TCP, no exec), seccomp (no new processes: fork,
+   vfork, clone without CLONE_THREAD and exec are refused, and so are ptrace and access to
+   other processes' memory) and an audit hook (no subprocesses,
    ctypes, sockets, signals or writes outside its folder, with a readable error), as far as
    the kernel offers them;
 4. runs the steps in order: a cell is compiled and executed in one `__main__` namespace (an
@@ -31,6 +34,7 @@ import ctypes
 import io
 import os
 import platform
+import shlex
 import signal
 import struct
 import sys
@@ -326,18 +330,33 @@ def describe_exception(exc: BaseException) -> str:
 
 
 class _IPythonStub:
-    """What a transformed magic calls: line magics do nothing, `%%time`-like cell magics run
-    their body, shell escapes fail (the sandbox starts no processes)."""
+    """What a transformed magic calls. `%%writefile` writes its file (in the sandbox folder),
+    `%time`, `%timeit`, `%%time`, `%%timeit`, `%%capture` run their code once, `%run` runs a
+    file; other magics do nothing, and shell escapes fail (the sandbox starts no process)."""
 
     def __init__(self, namespace: dict[str, Any]) -> None:
         self._ns = namespace
 
+    def _run(self, code: str) -> None:
+        exec(compile(code, "<magic>", "exec"), self._ns)
+
     def run_line_magic(self, name: str, line: str, *args: Any) -> None:
-        return None
+        if name in ("time", "timeit"):
+            self._run(line)
+        elif name == "run":
+            path = shlex.split(line)[-1]
+            with open(path, encoding="utf-8") as f:
+                self._run(f.read())
 
     def run_cell_magic(self, name: str, line: str, cell: str) -> None:
         if name in ("time", "timeit", "capture", "prun"):
-            exec(compile(cell, "<cell magic>", "exec"), self._ns)
+            self._run(cell)
+        elif name in ("writefile", "file"):
+            words = shlex.split(line)
+            append = any(w in ("-a", "--append") for w in words)
+            path = [w for w in words if not w.startswith("-")][-1]
+            with open(path, "a" if append else "w", encoding="utf-8") as f:
+                f.write(cell)
 
     def system(self, cmd: str) -> None:
         raise PermissionError("the grader's sandbox runs no shell commands")
@@ -417,6 +436,7 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full log fails writes, not the process
+    sys.path[0] = folder  # like a kernel: files written next to the notebook import
     walls = install_walls(folder)
     send({"type": "ready", "walls": walls})
     sys.stdout, sys.stderr = _Sink(1), _Sink(2)
