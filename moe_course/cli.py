@@ -79,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     lab = sub.add_parser("lab", help="open the course in JupyterLab")
     lab.add_argument("--folder", default="notebooks", help="notebooks (default) or solutions")
-    lab.add_argument("extra", nargs=argparse.REMAINDER, help="passed on to jupyter lab")
     lab.set_defaults(func=_lab)
     rel = sub.add_parser("release", help="regenerate notebooks/ from solutions/ with nbgrader")
     rel.add_argument("--check", action="store_true",
@@ -89,7 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest")
     test.set_defaults(func=_test)
     sub.add_parser("grade", help="grade submitted notebooks with the pytest grader")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "lab":
+        args.extra = unknown  # everything else goes to jupyter lab (--port, --no-browser, ...)
+    elif unknown and args.command != "test":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    elif unknown:
+        args.pytest_args = [*unknown, *args.pytest_args]
     return args.func(args)
 
 

@@ -70,3 +70,17 @@ def test_ruff_lint_is_clean() -> None:
     done = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_lab_and_test_pass_their_options_on(monkeypatch) -> None:
+    """`moe-course lab --port 9999` reaches jupyter lab; `moe-course test -k x` reaches pytest."""
+    from moe_course import cli
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    monkeypatch.setattr(cli, "_ensure_chromium", lambda: None)
+    assert cli.main(["lab", "--no-browser", "--port=9999"]) == 0
+    assert calls[-1][-2:] == ["--no-browser", "--port=9999"] or "--port=9999" in calls[-1]
+    assert str(ROOT / "notebooks") in calls[-1]
+    assert cli.main(["test", "-k", "packaging"]) == 0
+    assert calls[-1][-2:] == ["-k", "packaging"] and "-n" in calls[-1]
