@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+import probe_data
 import pytest
 import torch
 import torch.distributed as dist
@@ -588,25 +589,7 @@ PROBES = [(gid, probe) for gid in GRADED for probe in EXERCISES[gid].visible
           + EXERCISES[gid].hidden]
 
 
-def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(
-            _equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_equal, a, b))
-    return a == b
-
-
-def _plain(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return type(value) is torch.Tensor
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    return value is None or isinstance(value, (bool, int, float, str))
+_equal, _plain = probe_data.equal, probe_data.plain
 
 
 @pytest.mark.parametrize(("grade_id", "probe"), PROBES,
