@@ -3,8 +3,8 @@
 For each shape `(T, D, H, E, K)` and expert kind it times, interleaved in one process (round
 robin over the layers, `--repeats` rounds, medians):
 
-- `TopKMoE` as constructed by default (`dispatch="auto"`), and forced to each of its two
-  layouts, `dispatch="padded"` and `dispatch="grouped"` (`moe_course.layers`);
+- `TopKMoE` as constructed by default (`dispatch="auto"`), and forced to each of its three
+  layouts, `dispatch="blocked"`, `"grouped"` and `"padded"` (`moe_course.layers`);
 - its loop-over-experts oracle `TopKMoE.loop_forward` (same weights);
 - `DenseFFN` of the same expert kind with hidden width `K*H`: the same active FLOPs, so the
   practical lower bound ("dense bound");
@@ -104,7 +104,7 @@ def candidates(shape: Shape, expert: str, seed: int,
     torch.manual_seed(seed)
     fast = TopKMoE(shape.d, shape.h, shape.e, shape.k, capacity_factor, expert)  # "auto"
     forced = {}
-    for dispatch in ("padded", "grouped"):
+    for dispatch in ("blocked", "grouped", "padded"):
         forced[dispatch] = TopKMoE(shape.d, shape.h, shape.e, shape.k, capacity_factor, expert,
                                    dispatch=dispatch)
         forced[dispatch].load_state_dict(fast.state_dict())
@@ -112,8 +112,9 @@ def candidates(shape: Shape, expert: str, seed: int,
     layers: dict[str, Layer] = {
         "dense FFN (K*H)": (dense, dense),
         "TopKMoE (default)": (lambda x: fast(x).y, fast),
-        "TopKMoE padded": (lambda x: forced["padded"](x).y, forced["padded"]),
+        "TopKMoE blocked": (lambda x: forced["blocked"](x).y, forced["blocked"]),
         "TopKMoE grouped": (lambda x: forced["grouped"](x).y, forced["grouped"]),
+        "TopKMoE padded": (lambda x: forced["padded"](x).y, forced["padded"]),
         "loop oracle": (lambda x: fast.loop_forward(x).y, fast),
     }
     if expert == "swiglu" and capacity_factor is None:  # Mixtral is dropless

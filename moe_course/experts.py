@@ -255,6 +255,13 @@ class ExpertBank(nn.Module):
             xs, self.w3, None, counts)  # (N, H)
         return grouped_linear(h, self.w2, None, counts)  # (N, D)
 
+    def params(self) -> tuple[Tensor, ...]:
+        """The stacked parameters in a fixed order: `(w_in, b_in, w_out, b_out)` for
+        `"gelu"`, `(w1, w3, w2)` for `"swiglu"` (the order `fused.top_k_moe` takes)."""
+        if self.kind == "gelu":
+            return self.w_in, self.b_in, self.w_out, self.b_out
+        return self.w1, self.w3, self.w2
+
     def expert_fn(self, e: int) -> Callable[[Tensor], Tensor]:
         """Expert `e` as a plain function of `(n, D)` rows, sharing this bank's parameters."""
         e = positive_int("e", e, minimum=0, maximum=self.n_experts - 1)

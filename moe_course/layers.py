@@ -22,6 +22,7 @@ from .expert_choice import (
     expert_choice_routing,
 )
 from .experts import EXPERT_KINDS, Expert, ExpertBank, SwiGLUExpert
+from .fused import top_k_moe
 from .gating import noisy_logits, top_k_gating
 from .losses import router_z_loss, switch_aux_loss
 from .routing import sparse_moe
@@ -121,11 +122,12 @@ class MoEFeedForward(nn.Module):
 # Fast layers: experts' weights stacked in an `ExpertBank`, dispatch vectorised.
 # ---------------------------------------------------------------------------------------------
 
-DISPATCHES = ("auto", "grouped", "padded")
-# "auto" takes the padded layout when the busiest expert's matmul, C*D*H multiply-adds, is at
-# most this: there the fixed cost of one call per expert outweighs the padding. Above it the
-# grouped layout wins. Both measured in benchmarks/bench_layers.py (see benchmarks/README.md).
-AUTO_PADDED_MACS = 2**22
+DISPATCHES = ("auto", "blocked", "grouped", "padded")
+# "auto" takes the grouped layout when an expert's mean matmul, (T*K/E)*D*H multiply-adds,
+# is at most this: there the fixed cost of a dozen ops per expert outweighs the cache the
+# blocked layout saves. Above it the blocked layout wins. Both measured in
+# benchmarks/bench_layers.py (see benchmarks/README.md).
+AUTO_GROUPED_MACS = 2**21
 
 
 class Assignments(NamedTuple):
@@ -252,15 +254,21 @@ class TopKMoE(nn.Module):
     loop over tokens and with one sort instead of one mask per expert:
 
     1. router logits `x @ W_g` (plus Shazeer's eq. 4 noise when `noisy` and training);
-    2. `top_k_gating`, then `group_by_expert`: one stable sort of the `T*K` assignments;
-    3. dispatch: `dispatch="grouped"` gathers the kept rows sorted by expert and runs one
-       matmul per expert on contiguous slices, no padding (MegaBlocks, arXiv 2211.15841);
-       `dispatch="padded"` gathers them into a `(E, C, D)` buffer (`C` = the busiest
-       expert's load, at most the capacity), GShard's layout, and runs the `ExpertBank` as
-       batched matmuls; `"auto"` (the default) takes padded for small experts' matmuls
-       (`C*D*H <= AUTO_PADDED_MACS`) and grouped otherwise, the faster of the two in
-       `benchmarks/bench_layers.py` on each side;
-    4. `combine`: one weighted `index_add` back to the tokens (one gather backward).
+    2. the rest runs as one autograd node with a hand-written backward, `fused.top_k_moe`:
+       top-k softmax gates, one stable sort of the `T*K` assignments by expert (GShard
+       priority within an expert, so capacity drops exactly what `apply_capacity` drops),
+       the experts on their rows, the weighted scatter-add back to the tokens (eq. 1) and
+       the Switch and z losses. `dispatch` picks how the experts run:
+       `"blocked"`: expert by expert, gather - matmuls - activation - scatter on one
+       expert's rows at a time, which stay in cache (ScatterMoE, arXiv 2403.08245);
+       `"grouped"`: each step on all sorted rows at once, the matmuls as one grouped matmul
+       (MegaBlocks, arXiv 2211.15841), fewer, larger ops;
+       `"padded"`: GShard's `(E, C, D)` buffer (`C` = the busiest expert's load) through the
+       `ExpertBank` as batched matmuls, composed from the course's functions and
+       differentiated by autograd (arXiv 2006.16668);
+       `"auto"` (the default): grouped when an expert's mean matmul is small
+       (`(T*K/E)*D*H <= AUTO_GROUPED_MACS`), blocked otherwise, the faster of the two in
+       `benchmarks/bench_layers.py` on each side.
 
     `expert="gelu"` uses `Expert`s (biases, exact GELU), `expert="swiglu"` Mixtral's
     `SwiGLUExpert`s. `loop_forward` is the plain loop-over-experts oracle on the same weights
@@ -319,29 +327,35 @@ class TopKMoE(nn.Module):
     def forward(self, x: Tensor, noise: Tensor | None = None) -> MoEOutput:
         """`x` `(B, S, D)` or `(T, D)`; `noise` `(T, E)` standard normal (noisy training only)."""
         flat = _token_input("x", x, self.d_model, self.gate.weight.dtype)  # (T, D)
-        t, e, k = flat.shape[0], self.n_experts, self.k
         logits = self._logits(flat, noise)  # (T, E)
+        dispatch = self.dispatch
+        if dispatch == "auto":
+            rows = flat.shape[0] * self.k / self.n_experts  # mean rows per expert
+            small = rows * self.d_model * self.experts.d_hidden <= AUTO_GROUPED_MACS
+            dispatch = "grouped" if small else "blocked"
+        if dispatch == "padded":
+            return self._padded_forward(x, flat, logits)
+        out = top_k_moe(flat, logits, self.k, self._capacity(flat.shape[0]), self.experts.kind,
+                        self.experts.params(), blocked=dispatch == "blocked")
+        return MoEOutput(out.y.reshape(x.shape), out.aux_loss, out.z_loss, logits,
+                         TokenChoice(out.weights, out.indices, out.keep), out.counts)
+
+    def _padded_forward(self, x: Tensor, flat: Tensor, logits: Tensor) -> MoEOutput:
+        """GShard's layout, composed from the course's functions (autograd does the rest)."""
+        t, e, k = flat.shape[0], self.n_experts, self.k
         weights, indices = top_k_gating(logits, k)  # (T, K), (T, K)
         capacity = self._capacity(t)
         plan = group_by_expert(indices, e, capacity)
         if capacity is not None:
             weights = torch.where(plan.keep, weights, torch.zeros_like(weights))  # (T, K)
-        counts = plan.counts.tolist()
-        buffer = max(counts)  # C: the busiest expert's kept load
-        padded = self.dispatch == "padded" or (
-            self.dispatch == "auto" and buffer * self.d_model * self.experts.d_hidden
-            <= AUTO_PADDED_MACS)
+        buffer = int(plan.counts.max())  # C: the busiest expert's kept load
         token = plan.order // k  # (M,) token of each kept assignment, grouped by expert
         weight = weights.reshape(-1)[plan.order]  # (M,) its gate weight
-        if padded:
-            slot = (indices * buffer + plan.positions).reshape(-1)[plan.order]  # (M,) e*C + pos
-            row_token = token.new_zeros(e * buffer).index_copy_(0, slot, token)  # (E*C,)
-            row_weight = weight.new_zeros(e * buffer).index_copy(0, slot, weight)  # (E*C,)
-            xs = flat.index_select(0, row_token).reshape(e, buffer, -1)  # (E, C, D)
-            rows = self.experts(xs).reshape(e * buffer, -1)  # (E*C, D)
-        else:
-            row_token, row_weight = token, weight  # (M,), (M,)
-            rows = self.experts.grouped(flat.index_select(0, token), counts)  # (M, D)
+        slot = (indices * buffer + plan.positions).reshape(-1)[plan.order]  # (M,) e*C + pos
+        row_token = token.new_zeros(e * buffer).index_copy_(0, slot, token)  # (E*C,)
+        row_weight = weight.new_zeros(e * buffer).index_copy(0, slot, weight)  # (E*C,)
+        xs = flat.index_select(0, row_token).reshape(e, buffer, -1)  # (E, C, D)
+        rows = self.experts(xs).reshape(e * buffer, -1)  # (E*C, D)
         # Dropped assignments have no row, empty padded slots weight exactly 0: both add 0.
         y = _Combine.apply(rows, row_token, row_weight, t)  # (T, D)
         probs = torch.softmax(logits, dim=-1)  # (T, E)

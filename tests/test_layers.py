@@ -3,7 +3,7 @@
 `TopKMoE` and `ExpertChoiceMoE` run their experts from stacked weights with vectorised
 dispatch; `loop_forward` computes the same layer one expert at a time with
 `routing.sparse_moe` / `expert_choice.expert_choice_moe` on the same parameters. Values and
-gradients (input, router, experts) must agree for both expert kinds, both dispatch layouts,
+gradients (input, router, experts) must agree for both expert kinds, every dispatch layout,
 with and without capacity, for k in {1, 2, E}, including experts that receive no token.
 """
 
@@ -72,7 +72,7 @@ def _starve_last_expert(layer):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("dispatch", ["padded", "grouped"])
+@pytest.mark.parametrize("dispatch", ["blocked", "grouped", "padded"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.5, 1.25])
 @pytest.mark.parametrize("k", [1, 2, E])
 @pytest.mark.parametrize("expert", ["gelu", "swiglu"])
@@ -86,7 +86,7 @@ def test_top_k_equals_loop_oracle(expert, k, capacity_factor, dispatch, dtype):
     assert fast[0].y.shape == x.shape
 
 
-@pytest.mark.parametrize("dispatch", ["padded", "grouped", "auto"])
+@pytest.mark.parametrize("dispatch", ["blocked", "grouped", "padded", "auto"])
 @pytest.mark.parametrize("expert", ["gelu", "swiglu"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_top_k_with_an_expert_that_gets_no_token(expert, k, dispatch):
@@ -126,7 +126,7 @@ def test_expert_choice_every_expert_takes_exactly_capacity_tokens():
     assert_close(out.z_loss, router_z_loss(out.logits))
 
 
-@pytest.mark.parametrize("dispatch", ["padded", "grouped"])
+@pytest.mark.parametrize("dispatch", ["blocked", "grouped", "padded"])
 @pytest.mark.parametrize("k", [1, 2, E])
 def test_no_expert_exceeds_capacity(k, dispatch):
     torch.manual_seed(4)
@@ -145,7 +145,7 @@ def test_no_expert_exceeds_capacity(k, dispatch):
     assert torch.equal(weights, out.routing.weights)
 
 
-@pytest.mark.parametrize("dispatch", ["padded", "grouped"])
+@pytest.mark.parametrize("dispatch", ["blocked", "grouped", "padded"])
 @pytest.mark.parametrize("expert", ["gelu", "swiglu"])
 def test_dropped_assignments_contribute_exactly_zero(expert, dispatch):
     torch.manual_seed(5)
@@ -164,7 +164,7 @@ def test_dropped_assignments_contribute_exactly_zero(expert, dispatch):
     assert bool(out.y[~dropped].abs().sum() > 0)
 
 
-@pytest.mark.parametrize("dispatch", ["padded", "grouped"])
+@pytest.mark.parametrize("dispatch", ["blocked", "grouped", "padded"])
 def test_gradients_reach_the_router(dispatch):
     torch.manual_seed(6)
     layer = TopKMoE(D, H, E, k=2, dispatch=dispatch)
@@ -185,7 +185,7 @@ def test_top_k_is_causal_and_expert_choice_is_not():
         gen = torch.Generator().manual_seed(seed)
         later.append(torch.randn(D, generator=gen, dtype=torch.float64))
     later += [25.0 * ec.gate.weight[e].detach() for e in range(E)]
-    for dispatch in ("padded", "grouped"):
+    for dispatch in ("blocked", "grouped", "padded"):
         top_k = TopKMoE(D, H, E, k=2, dispatch=dispatch).double()
         base = top_k(x).y
         for last in later:
@@ -197,20 +197,23 @@ def test_top_k_is_causal_and_expert_choice_is_not():
     assert max(changes) > 1e-3, changes  # an earlier token lost (or won) an expert's slot
 
 
-def test_auto_dispatch_pads_small_experts_and_groups_large_ones(monkeypatch):
+def test_auto_dispatch_groups_small_experts_and_blocks_large_ones(monkeypatch):
     import moe_course.layers as layers
 
     calls = []
-    monkeypatch.setattr(ExpertBank, "forward", lambda self, xs: calls.append("padded") or
-                        torch.zeros_like(xs))
-    monkeypatch.setattr(ExpertBank, "grouped", lambda self, xs, counts: calls.append("grouped")
-                        or torch.zeros_like(xs))
+    real = layers.top_k_moe
+
+    def spy(*args, blocked, **kwargs):
+        calls.append("blocked" if blocked else "grouped")
+        return real(*args, blocked=blocked, **kwargs)
+
+    monkeypatch.setattr(layers, "top_k_moe", spy)
     layer = TopKMoE(D, H, E, k=2)  # dispatch="auto"
     x = torch.randn(10, D)
+    layer(x)  # 10*2/4 rows * D * H = 2560 multiply-adds per expert: small
+    monkeypatch.setattr(layers, "AUTO_GROUPED_MACS", 2559)
     layer(x)
-    monkeypatch.setattr(layers, "AUTO_PADDED_MACS", 0)
-    layer(x)
-    assert calls == ["padded", "grouped"]
+    assert calls == ["grouped", "blocked"]
 
 
 def test_losses_and_load_match_the_reference_functions():
@@ -398,3 +401,82 @@ def test_fast_and_loop_agree_under_f_gelu_definition():
     want = F.gelu(x @ bank.w_in[0] + bank.b_in[0]) @ bank.w_out[0] + bank.b_out[0]
     assert_close(bank.expert_fn(0)(x), want)
     assert_close(bank(x[None])[0], want)
+
+
+def _fused_inputs(expert, t=9, d=4, h=6, e=5, seed=19):
+    gen = torch.Generator().manual_seed(seed)
+    bank = ExpertBank(d, h, e, expert).double()
+    params = tuple(p.detach().clone().requires_grad_() for p in bank.params())
+    x = torch.randn(t, d, dtype=torch.float64, generator=gen).requires_grad_()
+    logits = (3 * torch.randn(t, e, dtype=torch.float64, generator=gen)).requires_grad_()
+    return x, logits, params
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+@pytest.mark.parametrize("capacity", [None, 2])
+@pytest.mark.parametrize("expert", ["gelu", "swiglu"])
+def test_fused_backward_passes_gradcheck(expert, capacity, blocked):
+    # Every output that carries a gradient (y, both losses, the gate weights) in one loss,
+    # against finite differences, float64; odd widths take the loop-of-mm path.
+    from moe_course.fused import top_k_moe
+
+    x, logits, params = _fused_inputs(expert)
+
+    def loss(x, logits, *params):
+        out = top_k_moe(x, logits, 2, capacity, expert, params, blocked=blocked)
+        return (out.y.sin().sum() + 1.7 * out.aux_loss + 0.9 * out.z_loss
+                + (out.weights ** 2).sum())
+
+    assert torch.autograd.gradcheck(loss, (x, logits, *params))
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+def test_fused_gradients_of_each_output_alone(blocked):
+    # Unused outputs arrive as None in the backward: each output alone must still give the
+    # gradients autograd computes for the composed reference functions.
+    from moe_course.fused import top_k_moe
+
+    for pick in ("y", "aux", "z", "weights"):
+        x, logits, params = _fused_inputs("gelu", seed=20)
+        out = top_k_moe(x, logits, 2, None, "gelu", params, blocked=blocked)
+        value = {"y": out.y.sum(), "aux": out.aux_loss, "z": out.z_loss,
+                 "weights": (out.weights * torch.arange(2.0, dtype=torch.float64)).sum()}[pick]
+        got = torch.autograd.grad(value, (x, logits, *params), allow_unused=True)
+        weights, indices = top_k_gating(logits, 2)
+        bank_fns = [lambda r, p=params, i=i: F.gelu(r @ p[0][i] + p[1][i]) @ p[2][i] + p[3][i]
+                    for i in range(5)]
+        from moe_course.routing import sparse_moe
+        ref = {"y": sparse_moe(x, bank_fns, weights, indices).sum(),
+               "aux": switch_aux_loss(torch.softmax(logits, -1), indices),
+               "z": router_z_loss(logits),
+               "weights": (weights * torch.arange(2.0, dtype=torch.float64)).sum()}[pick]
+        want = torch.autograd.grad(ref, (x, logits, *params), allow_unused=True)
+        for g, w in zip(got, want, strict=True):
+            if w is None:
+                assert g is None or float(g.abs().max()) == 0.0, pick
+            else:
+                assert_close(g, w, rtol=1e-10, atol=1e-12, msg=f"gradient of {pick}")
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+def test_fused_with_frozen_experts_or_constant_input(blocked):
+    torch.manual_seed(21)
+    layer = TopKMoE(D, H, E, k=2, expert="swiglu",
+                    dispatch="blocked" if blocked else "grouped")
+    for p in layer.experts.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(11, D)  # no gradient wanted for x
+    layer(x).y.sum().backward()
+    assert layer.gate.weight.grad is not None
+    assert all(p.grad is None for p in layer.experts.parameters())
+
+
+@pytest.mark.parametrize("dispatch", ["blocked", "grouped"])
+def test_float32_grouped_matmul_path_equals_the_float64_loop(dispatch):
+    # D, H multiples of 4: float32 takes torch's grouped_mm; the float64 oracle cannot.
+    torch.manual_seed(22)
+    layer = TopKMoE(D, H, E, k=2, expert="gelu", dispatch=dispatch)
+    x = torch.randn(40, D)
+    fast = _run(layer, layer, x)
+    slow = _run(layer.loop_forward, layer, x)
+    _assert_same(fast, slow, torch.float32)

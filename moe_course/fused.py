@@ -1,0 +1,364 @@
+"""The fast path of `TopKMoE`: routing, experts, combine and both router losses as one node.
+
+`layers.TopKMoE` composes the course's functions (`top_k_gating`, `group_by_expert`, the
+`ExpertBank`, `combine`, `switch_aux_loss`, `router_z_loss`), and autograd differentiates
+them op by op. Correct, but each op is a node with saved tensors and, in the backward, a
+pass over memory: gradient buffers filled with zeros, the two branches of SwiGLU accumulated
+with one more add, the gather of the inputs undone by a scatter, ... On a CPU those passes,
+not the matmuls, are what separates a mixture from the dense layer of equal FLOPs.
+
+`top_k_moe` computes the same thing (same routing, same numbers up to float rounding) as
+one `torch.autograd.Function` with a hand-written backward, in the way a fused MoE kernel
+does (MegaBlocks, Gale et al. 2022, arXiv 2211.15841, sec. 5; ScatterMoE, Tan et al. 2024,
+arXiv 2403.08245): sort the assignments by expert once, then for each expert in turn gather
+its rows, run its matmuls, apply the activation and add its weighted output into `y`, so
+each expert's rows stay in cache from gather to scatter. The backward retraces the same
+loop in reverse with the derivatives written out:
+
+    y_t = sum_j w_tj o_tj,   o = f_e(x_t)                        (Shazeer et al. eq. 1)
+    dL/dw_tj = <dL/dy_t, o_tj>,  dL/do_tj = w_tj dL/dy_t
+    w_t = softmax(top-k logits of token t)                         (eq. 3, 5)
+    dL/dl_tj = w_tj (dL/dw_tj - sum_i w_ti dL/dw_ti)              (softmax backward)
+    aux = E sum_e f_e mean_t p_te,  p = softmax(l)                 (Switch eq. 4-6)
+    dL/dl_te += g_aux p_te (c_e - sum_i p_ti c_i),  c_e = E f_e / T
+    z = mean_t lse_t^2                                             (ST-MoE eq. 5)
+    dL/dl_te += g_z (2 / T) lse_t p_te
+
+The router's logits come in as an input (computed by the layer, noise and all), so the
+router matmul stays an ordinary autograd op. Tests compare values and gradients with the
+loop oracle `TopKMoE.loop_forward` and run `torch.autograd.gradcheck` in float64.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# torch's grouped matmul (`torch.nn.functional.grouped_mm`, earlier `torch._grouped_mm`).
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GELU_BACKWARD = torch.ops.aten.gelu_backward
+_SILU_BACKWARD = torch.ops.aten.silu_backward
+
+
+class FusedOutput(NamedTuple):
+    """What `top_k_moe` returns (the `TopKMoE` fields of `layers.MoEOutput`)."""
+
+    y: Tensor  # (T, D)
+    aux_loss: Tensor  # () Switch loss
+    z_loss: Tensor  # () router z-loss
+    weights: Tensor  # (T, K) gate weights, 0 where capacity dropped the assignment
+    indices: Tensor  # (T, K) chosen experts, best first
+    keep: Tensor  # (T, K) bool
+    counts: Tensor  # (E,) kept assignments per expert
+
+
+class _Plan(NamedTuple):
+    counts: list[int]  # kept rows per expert
+    starts: list[int]  # first sorted row of each expert
+    active: list[int]  # the experts with at least one row
+    sizes: list[int]  # their row counts
+    token: Tensor  # (M,) token of each kept row, rows grouped by expert
+    slot: Tensor  # (M,) choice-major id j*T + t of each kept row
+    keep: Tensor  # (T, K) bool
+    routed: Tensor  # (E,) assignments per expert before capacity (Switch f_e * T*K)
+
+
+def _plan(indices: Tensor, n_experts: int, capacity: int | None) -> _Plan:
+    """One stable sort of the choice-major assignments: GShard priority within an expert."""
+    t, k = indices.shape
+    by_rank = indices.t().reshape(-1)  # (K*T,) all first choices, then all second, ...
+    expert_sorted, order = by_rank.sort(stable=True)  # (K*T,)
+    routed = torch.bincount(by_rank, minlength=n_experts)  # (E,)
+    keep = torch.ones(t, k, dtype=torch.bool, device=indices.device)
+    if capacity is not None and capacity < t * k:
+        starts = routed.cumsum(0) - routed  # (E,)
+        position = torch.arange(t * k, device=indices.device) - starts[expert_sorted]
+        kept = position < capacity  # (K*T,) in sorted order
+        keep = torch.empty_like(kept).index_copy_(0, order, kept).reshape(k, t).t()
+        order = order[kept]
+        counts = routed.clamp(max=capacity).tolist()
+    else:
+        counts = routed.tolist()
+    starts_list, s = [], 0
+    for n in counts:
+        starts_list.append(s)
+        s += n
+    active = [e for e, n in enumerate(counts) if n]
+    return _Plan(counts, starts_list, active, [counts[e] for e in active], order % t, order,
+                 keep, routed)
+
+
+class _Groups:
+    """Matmuls of rows sorted by expert, `counts[e]` rows for expert `e`.
+
+    torch's grouped matmul (`torch.nn.functional.grouped_mm`: one C++ loop of `mm` on CPU)
+    where it applies (fp32/bf16/fp16 on CPU, rows a multiple of 16 bytes), else a Python
+    loop of `mm` over contiguous slices; `addmm` per expert when there is a bias (it fuses
+    the bias, measured faster than a grouped matmul and an add).
+    """
+
+    def __init__(self, plan: _Plan, ref: Tensor) -> None:
+        self.counts, self.starts, self.ref = plan.counts, plan.starts, ref
+        self.offs = None
+        if (_GROUPED_MM is not None and ref.device.type == "cpu"
+                and ref.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+            self.offs = torch.tensor(self.counts, device=ref.device).cumsum(0).to(torch.int32)
+
+    def _grouped(self, *widths: int) -> bool:
+        return self.offs is not None and all(
+            (w * self.ref.element_size()) % 16 == 0 for w in widths)
+
+    def _slices(self):
+        for e, (n, s) in enumerate(zip(self.counts, self.starts, strict=True)):
+            if n:
+                yield e, slice(s, s + n)
+
+    def mm(self, a: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+        """`a_e @ w[e] (+ b[e])` for every group: `(M, I), (E, I, O) -> (M, O)`."""
+        if b is None and self._grouped(w.shape[1], w.shape[2]):
+            return _GROUPED_MM(a, w, offs=self.offs)
+        out = a.new_empty(a.shape[0], w.shape[2])
+        for e, rows in self._slices():
+            if b is None:
+                torch.mm(a[rows], w[e], out=out[rows])
+            else:
+                torch.addmm(b[e], a[rows], w[e], out=out[rows])
+        return out
+
+    def mm_t(self, g: Tensor, w: Tensor, add: Tensor | None = None) -> Tensor:
+        """`g_e @ w[e].T` for every group, `(M, O), (E, I, O) -> (M, I)`, plus `add`."""
+        if self._grouped(w.shape[1], w.shape[2]):
+            out = _GROUPED_MM(g, w.transpose(1, 2), offs=self.offs)
+            return out if add is None else out.add_(add)
+        out = g.new_empty(g.shape[0], w.shape[1]) if add is None else add
+        for e, rows in self._slices():  # beta=1 accumulates into `add` inside the matmul
+            torch.addmm(out[rows], g[rows], w[e].t(), beta=0 if add is None else 1,
+                        out=out[rows])
+        return out
+
+    def wgrad(self, a: Tensor, g: Tensor, n_groups: int) -> Tensor:
+        """`a_e.T @ g_e` for every group, `(M, I), (M, O) -> (E, I, O)`, 0 for empty ones."""
+        if self._grouped(a.shape[1], g.shape[1]):
+            return _GROUPED_MM(a.t(), g, offs=self.offs)
+        out = a.new_zeros(n_groups, a.shape[1], g.shape[1])
+        for e, rows in self._slices():
+            torch.mm(a[rows].t(), g[rows], out=out[e])
+        return out
+
+    def bgrad(self, g: Tensor, n_groups: int) -> Tensor:
+        """Column sums of every group: `(M, O) -> (E, O)`, 0 for empty groups."""
+        out = g.new_zeros(n_groups, g.shape[1])
+        for e, rows in self._slices():
+            torch.sum(g[rows], dim=0, out=out[e])
+        return out
+
+
+def _phased_forward(kind: str, xs: Tensor, groups: _Groups, params: tuple[Tensor, ...]):
+    """All experts on all sorted rows `xs` `(M, D)`, one op (or one loop of matmuls) a step."""
+    if kind == "gelu":
+        w_in, b_in, w_out, b_out = params
+        h = groups.mm(xs, w_in, b_in)  # (M, H)
+        a = F.gelu(h)
+        return groups.mm(a, w_out, b_out), (h, a)  # (M, D)
+    w1, w3, w2 = params
+    h1, h3 = groups.mm(xs, w1), groups.mm(xs, w3)  # (M, H)
+    s1 = F.silu(h1)
+    a = s1 * h3
+    return groups.mm(a, w2), (h1, h3, s1, a)
+
+
+def _phased_backward(kind: str, go: Tensor, xs: Tensor, groups: _Groups, saved, params,
+                     needs: list[bool], need_x: bool):
+    """Gradients of the experts' parameters and of `xs` from `go` = dL/d(expert output)."""
+    e = params[0].shape[0]
+    if kind == "gelu":
+        h, a = saved
+        w_in, _, w_out, _ = params
+        g_w_out = groups.wgrad(a, go, e) if needs[2] else None
+        g_b_out = groups.bgrad(go, e) if needs[3] else None
+        gh = _GELU_BACKWARD(groups.mm_t(go, w_out), h)  # (M, H)
+        g_w_in = groups.wgrad(xs, gh, e) if needs[0] else None
+        g_b_in = groups.bgrad(gh, e) if needs[1] else None
+        gxs = groups.mm_t(gh, w_in) if need_x else None
+        return gxs, [g_w_in, g_b_in, g_w_out, g_b_out]
+    h1, h3, s1, a = saved
+    w1, w3, w2 = params
+    g_w2 = groups.wgrad(a, go, e) if needs[2] else None
+    ga = groups.mm_t(go, w2)  # (M, H)
+    gh3 = ga * s1
+    gh1 = _SILU_BACKWARD(ga.mul_(h3), h1)
+    g_w1 = groups.wgrad(xs, gh1, e) if needs[0] else None
+    g_w3 = groups.wgrad(xs, gh3, e) if needs[1] else None
+    gxs = groups.mm_t(gh3, w3, add=groups.mm_t(gh1, w1)) if need_x else None
+    return gxs, [g_w1, g_w3, g_w2]
+
+
+def _blocked_forward(kind: str, x: Tensor, plan: _Plan, w_rows: Tensor,
+                     params: tuple[Tensor, ...]):
+    """Expert by expert: gather its rows, run it, add its weighted output into `y`."""
+    y = torch.zeros_like(x)  # (T, D)
+    saved: list[tuple[Tensor, ...]] = []
+    views = [p.unbind(0) for p in params]  # per-expert weights, the views made once
+    for e, tok, w in zip(plan.active, plan.token.split(plan.sizes),
+                         w_rows[:, None].split(plan.sizes), strict=True):
+        xe = x.index_select(0, tok)  # (n, D)
+        if kind == "gelu":
+            w_in, b_in, w_out, b_out = (v[e] for v in views)
+            h = torch.addmm(b_in, xe, w_in)  # (n, H)
+            a = F.gelu(h)
+            o = torch.addmm(b_out, a, w_out)  # (n, D)
+            saved.append((xe, h, a, o))
+        else:
+            w1, w3, w2 = (v[e] for v in views)
+            h1, h3 = xe @ w1, xe @ w3  # (n, H)
+            s1 = F.silu(h1)
+            a = s1 * h3
+            o = a @ w2  # (n, D)
+            saved.append((xe, h1, h3, s1, a, o))
+        y.index_add_(0, tok, o * w)  # combine, eq. 1
+    return y, saved
+
+
+def _blocked_backward(kind: str, grad_y: Tensor, plan: _Plan, w_rows: Tensor, saved,
+                      params: tuple[Tensor, ...], needs: list[bool], need_x: bool):
+    """The forward's loop in reverse: `dL/dx`, the parameters' gradients and `dL/dw` per row."""
+    grad_x = torch.zeros_like(grad_y) if need_x else None
+    # Each expert's slice of a parameter gradient is written once (`out=`); only experts
+    # that got no rows are zero-filled.
+    grad_params = [torch.empty_like(p) if need else None
+                   for p, need in zip(params, needs, strict=True)]
+    for g in grad_params:
+        if g is not None and len(plan.active) < g.shape[0]:
+            g[[e for e, n in enumerate(plan.counts) if n == 0]] = 0
+    grads = [g.unbind(0) if g is not None else [None] * params[0].shape[0]
+             for g in grad_params]
+    views = [p.unbind(0) for p in params]
+    grad_rows = torch.empty_like(w_rows)  # (M,)
+    blocks = zip(plan.active, plan.token.split(plan.sizes), w_rows[:, None].split(plan.sizes),
+                 grad_rows.split(plan.sizes), saved, strict=True)
+    for e, tok, w, g_rows, blk in blocks:
+        gy = grad_y.index_select(0, tok)  # (n, D) dL/dy of each row's token
+        torch.linalg.vecdot(gy, blk[-1], dim=1, out=g_rows)  # dL/dw = <dL/dy, o>
+        go = gy.mul_(w)  # (n, D) dL/do
+        if kind == "gelu":
+            xe, h, a, _ = blk
+            w_in, _, w_out, _ = (v[e] for v in views)
+            g_w_in, g_b_in, g_w_out, g_b_out = (g[e] for g in grads)
+            if g_w_out is not None:
+                torch.mm(a.t(), go, out=g_w_out)
+            if g_b_out is not None:
+                torch.sum(go, dim=0, out=g_b_out)
+            gh = _GELU_BACKWARD(go @ w_out.t(), h)  # (n, H)
+            if g_w_in is not None:
+                torch.mm(xe.t(), gh, out=g_w_in)
+            if g_b_in is not None:
+                torch.sum(gh, dim=0, out=g_b_in)
+            if grad_x is not None:
+                grad_x.index_add_(0, tok, gh @ w_in.t())
+        else:
+            xe, h1, h3, s1, a, _ = blk
+            w1, w3, w2 = (v[e] for v in views)
+            g_w1, g_w3, g_w2 = (g[e] for g in grads)
+            if g_w2 is not None:
+                torch.mm(a.t(), go, out=g_w2)
+            ga = go @ w2.t()  # (n, H)
+            gh3 = ga * s1
+            gh1 = _SILU_BACKWARD(ga.mul_(h3), h1)
+            if g_w1 is not None:
+                torch.mm(xe.t(), gh1, out=g_w1)
+            if g_w3 is not None:
+                torch.mm(xe.t(), gh3, out=g_w3)
+            if grad_x is not None:  # both branches in one accumulating matmul
+                grad_x.index_add_(0, tok, torch.addmm(gh1 @ w1.t(), gh3, w3.t()))
+    return grad_x, grad_params, grad_rows
+
+
+class _TopKMoE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, logits: Tensor, k: int, capacity: int | None, kind: str,
+                blocked: bool, *params: Tensor):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        t, e = logits.shape
+        lse = torch.logsumexp(logits, dim=-1)  # (T,)
+        top, indices = logits.topk(k, dim=-1)  # (T, K), best first
+        gate = torch.softmax(top, dim=-1)  # (T, K) eq. 3, before capacity
+        plan = _plan(indices, e, capacity)
+        w_rows = gate.t().reshape(-1).index_select(0, plan.slot)  # (M,) weight of each row
+        if not blocked:
+            xs = x.index_select(0, plan.token)  # (M, D) rows sorted by expert
+            groups = _Groups(plan, x)
+            o, saved = _phased_forward(kind, xs, groups, params)  # (M, D)
+            y = torch.zeros_like(x).index_add_(0, plan.token, o * w_rows[:, None])  # (T, D)
+        else:
+            y, saved = _blocked_forward(kind, x, plan, w_rows, params)
+            xs = o = groups = None
+        ctx.blocked = blocked
+        probs = torch.exp(logits - lse[:, None])  # (T, E)
+        f = plan.routed.to(logits.dtype) / (t * k)  # (E,) Switch eq. 5
+        aux = e * torch.dot(f, probs.mean(0))  # Switch eq. 4
+        z = lse.pow(2).mean()  # ST-MoE eq. 5
+        weights = gate * plan.keep  # (T, K) 0 where dropped
+        ctx.kind, ctx.k, ctx.plan, ctx.groups, ctx.saved = kind, k, plan, groups, saved
+        ctx.xs_o = (xs, o)
+        ctx.save_for_backward(x, logits, lse, probs, gate, indices, w_rows, f, *params)
+        counts = torch.tensor(plan.counts, dtype=x.dtype, device=x.device)
+        ctx.mark_non_differentiable(indices, plan.keep, counts)
+        return y, aux, z, weights, indices, plan.keep, counts
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_aux, grad_z, grad_weights, *_):  # type: ignore[override]
+        x, logits, lse, probs, gate, indices, w_rows, f, *params = ctx.saved_tensors
+        xs, o = ctx.xs_o
+        plan: _Plan = ctx.plan
+        t, e = logits.shape
+        need_x, need_logits = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs = list(ctx.needs_input_grad[6:])
+        grad_x, grad_params = None, [None] * len(params)
+        grad_rows = None
+        if grad_y is not None and ctx.blocked:
+            grad_x, grad_params, grad_rows = _blocked_backward(
+                ctx.kind, grad_y, plan, w_rows, ctx.saved, params, needs, need_x)
+        elif grad_y is not None:  # (else y is unused: nothing reaches x or the experts via y)
+            gy = grad_y.index_select(0, plan.token)  # (M, D) dL/dy of each row's token
+            grad_rows = torch.linalg.vecdot(gy, o, dim=1)  # (M,) dL/dw = <dL/dy, o>
+            go = gy.mul_(w_rows[:, None])  # (M, D) dL/do
+            gxs, grad_params = _phased_backward(ctx.kind, go, xs, ctx.groups, ctx.saved,
+                                                params, needs, need_x)
+            if need_x:
+                grad_x = torch.zeros_like(x).index_add_(0, plan.token, gxs)
+        grad_logits = None
+        if need_logits:
+            k = ctx.k
+            grad_gate = torch.zeros_like(gate)  # (T, K) dL/d(gate weight)
+            if grad_rows is not None:
+                grad_gate = grad_rows.new_zeros(k * t).index_copy_(0, plan.slot, grad_rows)
+                grad_gate = grad_gate.reshape(k, t).t()
+            if grad_weights is not None:
+                grad_gate = grad_gate + grad_weights * plan.keep
+            grad_top = gate * (grad_gate - (gate * grad_gate).sum(-1, keepdim=True))
+            grad_logits = torch.zeros_like(logits)
+            if grad_aux is not None or grad_z is not None:
+                scale = torch.zeros_like(lse)[:, None]  # (T, 1)
+                if grad_aux is not None:
+                    c = f * (grad_aux * e / t)  # (E,)
+                    grad_logits = grad_logits + c
+                    scale = scale - (probs @ c)[:, None]
+                if grad_z is not None:
+                    scale = scale + (2 / t) * grad_z * lse[:, None]
+                grad_logits = probs * (grad_logits + scale)
+            grad_logits.scatter_add_(1, indices, grad_top)
+        return (grad_x, grad_logits, None, None, None, None, *grad_params)
+
+
+def top_k_moe(x: Tensor, logits: Tensor, k: int, capacity: int | None, kind: str,
+              params: tuple[Tensor, ...], blocked: bool = True) -> FusedOutput:
+    """Top-k mixture of experts on tokens `x` `(T, D)` routed by `logits` `(T, E)`.
+
+    `kind` is `"gelu"` with `params = (w_in, b_in, w_out, b_out)` or `"swiglu"` with
+    `params = (w1, w3, w2)`, stacked as in `ExpertBank`; `capacity` is the per-expert buffer
+    (`None`: dropless). Inputs are assumed checked by the caller (`TopKMoE.forward`).
+    """
+    return FusedOutput(*_TopKMoE.apply(x, logits, k, capacity, kind, blocked, *params))
