@@ -16,7 +16,10 @@ robin over the layers, `--repeats` rounds, medians):
 Each timed call is `layer(x)` then `y.backward(grad)` for a fixed `grad`, with `x` requiring
 grad, so the router, the experts and the input all get gradients. The router is a fresh
 `nn.Linear` (random init) on standard-normal tokens: the mildly unbalanced routing of the
-start of training. Ratios are to the dense bound of the same expert kind in the same run.
+start of training. Ratios are to the dense bound of the same expert kind in the same run:
+`/ dense` divides the medians, `paired / dense` is the median over rounds of each round's
+ratio (the layer and the dense layer timed back to back, so a slow spell of the machine
+that lasts a round cancels).
 
     python benchmarks/bench_layers.py                 # all shapes, both expert kinds
     python benchmarks/bench_layers.py --repeats 5 --shapes 512,64,128,8,2
@@ -170,7 +173,7 @@ def main() -> None:
                         default=[Shape(*s) for s in SHAPES], help="T,D,H,E,K ...")
     parser.add_argument("--experts", nargs="+", default=["gelu", "swiglu"],
                         choices=["gelu", "swiglu"])
-    parser.add_argument("--repeats", type=int, default=15, help="timed rounds per shape")
+    parser.add_argument("--repeats", type=int, default=21, help="timed rounds per shape")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: "
                         "torch's choice)")
@@ -186,8 +189,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"machine: {machine_note()}; clock: {args.clock}; capacity factor: "
           f"{args.capacity_factor}")
-    print("| T, D, H, E, K | expert | layer | median ms | IQR ms | / dense |")
-    print("|---|---|---|---:|---:|---:|")
+    print("| T, D, H, E, K | expert | layer | median ms | IQR ms | / dense | paired / dense |")
+    print("|---|---|---|---:|---:|---:|---:|")
     for shape in args.shapes:
         for expert in args.experts:
             layers = candidates(shape, expert, args.seed, args.capacity_factor)
@@ -202,13 +205,16 @@ def main() -> None:
                     raise RuntimeError(f"layers disagree with the oracle by {err:.2e}")
             times = time_round_robin(layers, x, grad, args.repeats, args.warmup,
                                      CLOCKS[args.clock])
-            dense = statistics.median(times["dense FFN (K*H)"])
+            dense_times = times["dense FFN (K*H)"]
+            dense = statistics.median(dense_times)
             label = f"{shape.t}, {shape.d}, {shape.h}, {shape.e}, {shape.k}"
             for name, values in times.items():
                 med = statistics.median(values)
                 q = statistics.quantiles(values, n=4) if len(values) > 1 else [med, med, med]
+                paired = statistics.median(v / d for v, d in zip(values, dense_times, strict=True))
                 print(f"| {label} | {expert} | {name} | {med * 1e3:.2f} | "
-                      f"{(q[2] - q[0]) * 1e3:.2f} | {med / dense:.2f} |", flush=True)
+                      f"{(q[2] - q[0]) * 1e3:.2f} | {med / dense:.2f} | {paired:.2f} |",
+                      flush=True)
     print(f"machine at the end: {machine_note()}")
 
 

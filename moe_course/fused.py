@@ -24,9 +24,11 @@ loop in reverse with the derivatives written out:
     z = mean_t lse_t^2                                             (ST-MoE eq. 5)
     dL/dl_te += g_z (2 / T) lse_t p_te
 
-The router's logits come in as an input (computed by the layer, noise and all), so the
-router matmul stays an ordinary autograd op. Tests compare values and gradients with the
-loop oracle `TopKMoE.loop_forward` and run `torch.autograd.gradcheck` in float64.
+The router's matmul is part of the node too, so that its share of `dL/dx` is added inside
+one `addmm` instead of by autograd afterwards; the noise of noisy gating, when there is
+one, comes in as an additive term that autograd differentiates. Tests compare values and
+gradients with the loop oracle `TopKMoE.loop_forward` and run `torch.autograd.gradcheck`
+in float64.
 """
 
 from __future__ import annotations
@@ -50,13 +52,15 @@ class FusedOutput(NamedTuple):
     aux_loss: Tensor  # () Switch loss
     z_loss: Tensor  # () router z-loss
     weights: Tensor  # (T, K) gate weights, 0 where capacity dropped the assignment
+    logits: Tensor  # (T, E) router logits
     indices: Tensor  # (T, K) chosen experts, best first
     keep: Tensor  # (T, K) bool
     counts: Tensor  # (E,) kept assignments per expert
 
 
 class _Plan(NamedTuple):
-    counts: list[int]  # kept rows per expert
+    kept: Tensor  # (E,) kept rows per expert
+    counts: list[int]  # the same as a list
     starts: list[int]  # first sorted row of each expert
     active: list[int]  # the experts with at least one row
     sizes: list[int]  # their row counts
@@ -79,16 +83,17 @@ def _plan(indices: Tensor, n_experts: int, capacity: int | None) -> _Plan:
         kept = position < capacity  # (K*T,) in sorted order
         keep = torch.empty_like(kept).index_copy_(0, order, kept).reshape(k, t).t()
         order = order[kept]
-        counts = routed.clamp(max=capacity).tolist()
+        kept_per_expert = routed.clamp(max=capacity)
     else:
-        counts = routed.tolist()
+        kept_per_expert = routed
+    counts = kept_per_expert.tolist()
     starts_list, s = [], 0
     for n in counts:
         starts_list.append(s)
         s += n
     active = [e for e, n in enumerate(counts) if n]
-    return _Plan(counts, starts_list, active, [counts[e] for e in active], order % t, order,
-                 keep, routed)
+    return _Plan(kept_per_expert, counts, starts_list, active, [counts[e] for e in active],
+                 order % t, order, keep, routed)
 
 
 class _Groups:
@@ -105,7 +110,7 @@ class _Groups:
         self.offs = None
         if (_GROUPED_MM is not None and ref.device.type == "cpu"
                 and ref.dtype in (torch.float32, torch.bfloat16, torch.float16)):
-            self.offs = torch.tensor(self.counts, device=ref.device).cumsum(0).to(torch.int32)
+            self.offs = plan.kept.cumsum(0, dtype=torch.int32)  # (E,) group ends
 
     def _grouped(self, *widths: int) -> bool:
         return self.offs is not None and all(
@@ -150,6 +155,9 @@ class _Groups:
 
     def bgrad(self, g: Tensor, n_groups: int) -> Tensor:
         """Column sums of every group: `(M, O) -> (E, O)`, 0 for empty groups."""
+        if self._grouped(4, g.shape[1]):  # ones (4, M) @ g per group: four copies of the sums
+            ones = g.new_ones(g.shape[0], 4)
+            return _GROUPED_MM(ones.t(), g, offs=self.offs)[:, 0]
         out = g.new_zeros(n_groups, g.shape[1])
         for e, rows in self._slices():
             torch.sum(g[rows], dim=0, out=out[e])
@@ -278,9 +286,13 @@ def _blocked_backward(kind: str, grad_y: Tensor, plan: _Plan, w_rows: Tensor, sa
 
 class _TopKMoE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, logits: Tensor, k: int, capacity: int | None, kind: str,
-                blocked: bool, *params: Tensor):  # type: ignore[override]
+    def forward(ctx, x: Tensor, w_gate: Tensor, extra: Tensor | None, k: int,
+                capacity: int | None, kind: str, blocked: bool,
+                *params: Tensor):  # type: ignore[override]
         ctx.set_materialize_grads(False)
+        logits = x @ w_gate.t()  # (T, E) router, eq. 3's x W_g
+        if extra is not None:
+            logits = logits + extra  # eq. 4's noise term
         t, e = logits.shape
         lse = torch.logsumexp(logits, dim=-1)  # (T,)
         top, indices = logits.topk(k, dim=-1)  # (T, K), best first
@@ -295,27 +307,27 @@ class _TopKMoE(torch.autograd.Function):
         else:
             y, saved = _blocked_forward(kind, x, plan, w_rows, params)
             xs = o = groups = None
-        ctx.blocked = blocked
         probs = torch.exp(logits - lse[:, None])  # (T, E)
         f = plan.routed.to(logits.dtype) / (t * k)  # (E,) Switch eq. 5
         aux = e * torch.dot(f, probs.mean(0))  # Switch eq. 4
         z = lse.pow(2).mean()  # ST-MoE eq. 5
         weights = gate * plan.keep  # (T, K) 0 where dropped
-        ctx.kind, ctx.k, ctx.plan, ctx.groups, ctx.saved = kind, k, plan, groups, saved
-        ctx.xs_o = (xs, o)
-        ctx.save_for_backward(x, logits, lse, probs, gate, indices, w_rows, f, *params)
-        counts = torch.tensor(plan.counts, dtype=x.dtype, device=x.device)
+        ctx.kind, ctx.k, ctx.blocked, ctx.plan, ctx.groups = kind, k, blocked, plan, groups
+        ctx.saved, ctx.xs_o = saved, (xs, o)
+        ctx.save_for_backward(x, w_gate, lse, probs, gate, indices, w_rows, f, *params)
+        counts = plan.kept.to(x.dtype)
         ctx.mark_non_differentiable(indices, plan.keep, counts)
-        return y, aux, z, weights, indices, plan.keep, counts
+        return y, aux, z, weights, logits, indices, plan.keep, counts
 
     @staticmethod
-    def backward(ctx, grad_y, grad_aux, grad_z, grad_weights, *_):  # type: ignore[override]
-        x, logits, lse, probs, gate, indices, w_rows, f, *params = ctx.saved_tensors
+    def backward(ctx, grad_y, grad_aux, grad_z, grad_weights, grad_logits_out,
+                 *_):  # type: ignore[override]
+        x, w_gate, lse, probs, gate, indices, w_rows, f, *params = ctx.saved_tensors
         xs, o = ctx.xs_o
         plan: _Plan = ctx.plan
-        t, e = logits.shape
-        need_x, need_logits = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        needs = list(ctx.needs_input_grad[6:])
+        t, e = probs.shape
+        need_x, need_w_gate, need_extra = ctx.needs_input_grad[:3]
+        needs = list(ctx.needs_input_grad[7:])
         grad_x, grad_params = None, [None] * len(params)
         grad_rows = None
         if grad_y is not None and ctx.blocked:
@@ -329,8 +341,8 @@ class _TopKMoE(torch.autograd.Function):
                                                 params, needs, need_x)
             if need_x:
                 grad_x = torch.zeros_like(x).index_add_(0, plan.token, gxs)
-        grad_logits = None
-        if need_logits:
+        grad_w_gate = grad_extra = None
+        if need_x or need_w_gate or need_extra:  # the router's gradient, dL/dlogits
             k = ctx.k
             grad_gate = torch.zeros_like(gate)  # (T, K) dL/d(gate weight)
             if grad_rows is not None:
@@ -339,26 +351,38 @@ class _TopKMoE(torch.autograd.Function):
             if grad_weights is not None:
                 grad_gate = grad_gate + grad_weights * plan.keep
             grad_top = gate * (grad_gate - (gate * grad_gate).sum(-1, keepdim=True))
-            grad_logits = torch.zeros_like(logits)
+            grad_logits = torch.zeros_like(probs) if grad_logits_out is None else (
+                grad_logits_out.clone())
             if grad_aux is not None or grad_z is not None:
                 scale = torch.zeros_like(lse)[:, None]  # (T, 1)
+                c = torch.zeros_like(f)
                 if grad_aux is not None:
-                    c = f * (grad_aux * e / t)  # (E,)
-                    grad_logits = grad_logits + c
+                    c = f * (grad_aux * e / t)  # (E,) dL/dp_te of the Switch loss
                     scale = scale - (probs @ c)[:, None]
                 if grad_z is not None:
                     scale = scale + (2 / t) * grad_z * lse[:, None]
-                grad_logits = probs * (grad_logits + scale)
+                grad_logits.add_(probs * (c + scale))
             grad_logits.scatter_add_(1, indices, grad_top)
-        return (grad_x, grad_logits, None, None, None, None, *grad_params)
+            if need_w_gate:
+                grad_w_gate = grad_logits.t() @ x  # (E, D)
+            if need_extra:
+                grad_extra = grad_logits
+            if need_x:  # the router's share of dL/dx, accumulated inside the matmul
+                grad_x = (grad_logits @ w_gate if grad_x is None
+                          else grad_x.addmm_(grad_logits, w_gate))
+        return (grad_x, grad_w_gate, grad_extra, None, None, None, None, *grad_params)
 
 
-def top_k_moe(x: Tensor, logits: Tensor, k: int, capacity: int | None, kind: str,
-              params: tuple[Tensor, ...], blocked: bool = True) -> FusedOutput:
-    """Top-k mixture of experts on tokens `x` `(T, D)` routed by `logits` `(T, E)`.
+def top_k_moe(x: Tensor, w_gate: Tensor, k: int, capacity: int | None, kind: str,
+              params: tuple[Tensor, ...], blocked: bool = True,
+              extra: Tensor | None = None) -> FusedOutput:
+    """Top-k mixture of experts on tokens `x` `(T, D)` routed by `x @ w_gate.T (+ extra)`.
 
-    `kind` is `"gelu"` with `params = (w_in, b_in, w_out, b_out)` or `"swiglu"` with
-    `params = (w1, w3, w2)`, stacked as in `ExpertBank`; `capacity` is the per-expert buffer
-    (`None`: dropless). Inputs are assumed checked by the caller (`TopKMoE.forward`).
+    `w_gate` `(E, D)` is the router's weight (`nn.Linear.weight`), `extra` `(T, E)` an
+    optional term added to the logits (the noise of Shazeer et al. eq. 4). `kind` is
+    `"gelu"` with `params = (w_in, b_in, w_out, b_out)` or `"swiglu"` with
+    `params = (w1, w3, w2)`, stacked as in `ExpertBank`; `capacity` is the per-expert
+    buffer (`None`: dropless); `blocked` runs the experts one at a time (else grouped).
+    Inputs are assumed checked by the caller (`TopKMoE.forward`).
     """
-    return FusedOutput(*_TopKMoE.apply(x, logits, k, capacity, kind, blocked, *params))
+    return FusedOutput(*_TopKMoE.apply(x, w_gate, extra, k, capacity, kind, blocked, *params))

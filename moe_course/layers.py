@@ -307,17 +307,34 @@ class TopKMoE(nn.Module):
             nn.init.zeros_(self.w_noise.weight)
         self.experts = ExpertBank(d_model, d_hidden, n_experts, expert)
 
+    def _noise_unused(self, noise: Tensor | None) -> None:
+        if noise is not None:
+            raise ValueError("noise is only used by a noisy layer in training mode; got a "
+                             f"noise tensor for a layer with noisy={self.noisy}, "
+                             f"training={self.training}")
+
     def _logits(self, flat: Tensor, noise: Tensor | None) -> Tensor:
         if self.w_noise is None or not self.training:
-            if noise is not None:
-                raise ValueError("noise is only used by a noisy layer in training mode; got a "
-                                 "noise tensor for a layer with noisy="
-                                 f"{self.noisy}, training={self.training}")
+            self._noise_unused(noise)
             return self.gate(flat)  # (T, E)
         if noise is None:
             noise = torch.randn(flat.shape[0], self.n_experts, dtype=flat.dtype,
                                 device=flat.device)  # (T, E)
         return noisy_logits(flat, self.gate.weight.t(), self.w_noise.weight.t(), noise)
+
+    def _noise_term(self, flat: Tensor, noise: Tensor | None) -> Tensor | None:
+        """`noise * softplus(x @ W_noise)` of eq. 4 (noisy training), else None."""
+        if self.w_noise is None or not self.training:
+            self._noise_unused(noise)
+            return None
+        if noise is None:
+            noise = torch.randn(flat.shape[0], self.n_experts, dtype=flat.dtype,
+                                device=flat.device)  # (T, E)
+        float_tensor("noise", noise, ndim=2, shape_hint="(T, E)")
+        if noise.shape != (flat.shape[0], self.n_experts):
+            raise ValueError(f"noise must be (T, E) = {(flat.shape[0], self.n_experts)}; got "
+                             f"shape {tuple(noise.shape)}")
+        return noise * F.softplus(self.w_noise(flat))  # (T, E)
 
     def _capacity(self, n_tokens: int) -> int | None:
         if self.capacity_factor is None:
@@ -327,17 +344,17 @@ class TopKMoE(nn.Module):
     def forward(self, x: Tensor, noise: Tensor | None = None) -> MoEOutput:
         """`x` `(B, S, D)` or `(T, D)`; `noise` `(T, E)` standard normal (noisy training only)."""
         flat = _token_input("x", x, self.d_model, self.gate.weight.dtype)  # (T, D)
-        logits = self._logits(flat, noise)  # (T, E)
         dispatch = self.dispatch
         if dispatch == "auto":
             rows = flat.shape[0] * self.k / self.n_experts  # mean rows per expert
             small = rows * self.d_model * self.experts.d_hidden <= AUTO_GROUPED_MACS
             dispatch = "grouped" if small else "blocked"
         if dispatch == "padded":
-            return self._padded_forward(x, flat, logits)
-        out = top_k_moe(flat, logits, self.k, self._capacity(flat.shape[0]), self.experts.kind,
-                        self.experts.params(), blocked=dispatch == "blocked")
-        return MoEOutput(out.y.reshape(x.shape), out.aux_loss, out.z_loss, logits,
+            return self._padded_forward(x, flat, self._logits(flat, noise))
+        out = top_k_moe(flat, self.gate.weight, self.k, self._capacity(flat.shape[0]),
+                        self.experts.kind, self.experts.params(),
+                        blocked=dispatch == "blocked", extra=self._noise_term(flat, noise))
+        return MoEOutput(out.y.reshape(x.shape), out.aux_loss, out.z_loss, out.logits,
                          TokenChoice(out.weights, out.indices, out.keep), out.counts)
 
     def _padded_forward(self, x: Tensor, flat: Tensor, logits: Tensor) -> MoEOutput:

@@ -408,54 +408,58 @@ def _fused_inputs(expert, t=9, d=4, h=6, e=5, seed=19):
     bank = ExpertBank(d, h, e, expert).double()
     params = tuple(p.detach().clone().requires_grad_() for p in bank.params())
     x = torch.randn(t, d, dtype=torch.float64, generator=gen).requires_grad_()
-    logits = (3 * torch.randn(t, e, dtype=torch.float64, generator=gen)).requires_grad_()
-    return x, logits, params
+    w_gate = (2 * torch.randn(e, d, dtype=torch.float64, generator=gen)).requires_grad_()
+    extra = torch.randn(t, e, dtype=torch.float64, generator=gen).requires_grad_()
+    return x, w_gate, extra, params
 
 
 @pytest.mark.parametrize("blocked", [True, False])
 @pytest.mark.parametrize("capacity", [None, 2])
 @pytest.mark.parametrize("expert", ["gelu", "swiglu"])
 def test_fused_backward_passes_gradcheck(expert, capacity, blocked):
-    # Every output that carries a gradient (y, both losses, the gate weights) in one loss,
-    # against finite differences, float64; odd widths take the loop-of-mm path.
+    # Every output that carries a gradient (y, both losses, the gate weights, the logits) in
+    # one loss, against finite differences, float64; odd widths take the loop-of-mm path.
     from moe_course.fused import top_k_moe
 
-    x, logits, params = _fused_inputs(expert)
+    x, w_gate, extra, params = _fused_inputs(expert)
 
-    def loss(x, logits, *params):
-        out = top_k_moe(x, logits, 2, capacity, expert, params, blocked=blocked)
+    def loss(x, w_gate, extra, *params):
+        out = top_k_moe(x, w_gate, 2, capacity, expert, params, blocked, extra)
         return (out.y.sin().sum() + 1.7 * out.aux_loss + 0.9 * out.z_loss
-                + (out.weights ** 2).sum())
+                + (out.weights ** 2).sum() + 0.1 * out.logits.cos().sum())
 
-    assert torch.autograd.gradcheck(loss, (x, logits, *params))
+    assert torch.autograd.gradcheck(loss, (x, w_gate, extra, *params))
 
 
+@pytest.mark.parametrize("pick", ["y", "aux", "z", "weights", "logits"])
 @pytest.mark.parametrize("blocked", [True, False])
-def test_fused_gradients_of_each_output_alone(blocked):
+def test_fused_gradients_of_each_output_alone(blocked, pick):
     # Unused outputs arrive as None in the backward: each output alone must still give the
     # gradients autograd computes for the composed reference functions.
     from moe_course.fused import top_k_moe
+    from moe_course.routing import sparse_moe
 
-    for pick in ("y", "aux", "z", "weights"):
-        x, logits, params = _fused_inputs("gelu", seed=20)
-        out = top_k_moe(x, logits, 2, None, "gelu", params, blocked=blocked)
-        value = {"y": out.y.sum(), "aux": out.aux_loss, "z": out.z_loss,
-                 "weights": (out.weights * torch.arange(2.0, dtype=torch.float64)).sum()}[pick]
-        got = torch.autograd.grad(value, (x, logits, *params), allow_unused=True)
-        weights, indices = top_k_gating(logits, 2)
-        bank_fns = [lambda r, p=params, i=i: F.gelu(r @ p[0][i] + p[1][i]) @ p[2][i] + p[3][i]
-                    for i in range(5)]
-        from moe_course.routing import sparse_moe
-        ref = {"y": sparse_moe(x, bank_fns, weights, indices).sum(),
-               "aux": switch_aux_loss(torch.softmax(logits, -1), indices),
-               "z": router_z_loss(logits),
-               "weights": (weights * torch.arange(2.0, dtype=torch.float64)).sum()}[pick]
-        want = torch.autograd.grad(ref, (x, logits, *params), allow_unused=True)
-        for g, w in zip(got, want, strict=True):
-            if w is None:
-                assert g is None or float(g.abs().max()) == 0.0, pick
-            else:
-                assert_close(g, w, rtol=1e-10, atol=1e-12, msg=f"gradient of {pick}")
+    scale = torch.arange(2.0, dtype=torch.float64)
+    x, w_gate, extra, params = _fused_inputs("gelu", seed=20)
+    inputs = (x, w_gate, extra, *params)
+    out = top_k_moe(x, w_gate, 2, None, "gelu", params, blocked, extra)
+    value = {"y": out.y.sum(), "aux": out.aux_loss, "z": out.z_loss,
+             "weights": (out.weights * scale).sum(), "logits": out.logits.pow(2).sum()}
+    got = torch.autograd.grad(value[pick], inputs, allow_unused=True)
+    logits = x @ w_gate.t() + extra
+    weights, indices = top_k_gating(logits, 2)
+    fns = [lambda r, i=i: F.gelu(r @ params[0][i] + params[1][i]) @ params[2][i] + params[3][i]
+           for i in range(5)]
+    ref = {"y": sparse_moe(x, fns, weights, indices).sum(),
+           "aux": switch_aux_loss(torch.softmax(logits, -1), indices),
+           "z": router_z_loss(logits), "weights": (weights * scale).sum(),
+           "logits": logits.pow(2).sum()}
+    want = torch.autograd.grad(ref[pick], inputs, allow_unused=True)
+    for g, w in zip(got, want, strict=True):
+        if w is None:
+            assert g is None or float(g.abs().max()) == 0.0
+        else:
+            assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("blocked", [True, False])

@@ -559,7 +559,12 @@ plt.show()
 # stacked into one bank, and with `dispatch="grouped"` it does what the previous cell did
 # inside: one stable sort of the assignments, one gather, one matrix product per expert on
 # its contiguous block (torch's grouped matrix multiply where this torch has one), one
-# weighted `index_add` back. `TopKMoE.loop_forward` computes the same layer on the same
+# weighted `index_add` back. `dispatch="blocked"` runs the same steps expert by expert
+# instead (gather one expert's rows, its products, its activation, its `index_add`), so
+# that one expert's rows stay in the CPU's cache from gather to scatter; its default,
+# `"auto"`, takes grouped for small experts and blocked for large ones. Both run the whole
+# layer as one autograd node whose backward is written out by hand (`moe_course.fused`).
+# `TopKMoE.loop_forward` computes the same layer on the same
 # weights with notebook 02's loop over experts. The third contender is a single dense
 # feed-forward network of hidden width `K H`: it does the same arithmetic as the experts
 # the tokens use (the same *active* FLOPs), in two large matrix products, with no routing
@@ -593,21 +598,25 @@ def fastest(fns, x):
 
 torch.manual_seed(5)
 dense_x = DenseFFN(D_x, K_x * H_x)  # the same active FLOPs as K experts of width H
-measured = {"loop": [], "grouped": [], "dense": []}
+measured = {"loop": [], "grouped": [], "blocked": [], "dense": []}
 threads = torch.get_num_threads()
 torch.set_num_threads(1)  # one thread: steadier timings on a busy laptop
 try:
     with torch.no_grad():
         for n_experts in expert_counts:
             layer = TopKMoE(D_x, H_x, n_experts, k=K_x, dispatch="grouped")
-            best = fastest({"loop": layer.loop_forward, "grouped": layer, "dense": dense_x}, x_x)
+            blocked = TopKMoE(D_x, H_x, n_experts, k=K_x, dispatch="blocked")
+            blocked.load_state_dict(layer.state_dict())
+            best = fastest({"loop": layer.loop_forward, "grouped": layer, "blocked": blocked,
+                            "dense": dense_x}, x_x)
             for name, seconds in best.items():
                 measured[name].append(seconds)
 finally:
     torch.set_num_threads(threads)
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-for label, color in (("loop", "tab:orange"), ("grouped", "tab:blue"), ("dense", "0.4")):
+for label, color in (("loop", "tab:orange"), ("grouped", "tab:blue"), ("blocked", "tab:green"),
+                     ("dense", "0.4")):
     ms = [s * 1e3 for s in measured[label]]
     name = f"dense, hidden K*H = {K_x * H_x}" if label == "dense" else f"{label} dispatch"
     axes[0].plot(expert_counts, ms, "o-", color=color, label=name)
@@ -623,10 +632,11 @@ for ax in axes:
     ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
-for e, loop, grouped, dense in zip(expert_counts, *measured.values()):
-    print(f"E = {e:2d}: loop {loop * 1e3:6.2f} ms, grouped {grouped * 1e3:6.2f} ms, dense "
-          f"{dense * 1e3:5.2f} ms; loop / grouped {loop / grouped:4.1f}, "
-          f"grouped / dense {grouped / dense:4.1f}")
+for e, loop, grouped, blocked, dense in zip(expert_counts, *measured.values()):
+    print(f"E = {e:2d}: loop {loop * 1e3:6.2f} ms, grouped {grouped * 1e3:6.2f} ms, blocked "
+          f"{blocked * 1e3:6.2f} ms, dense {dense * 1e3:5.2f} ms; loop / grouped "
+          f"{loop / grouped:4.1f}, grouped / dense {grouped / dense:4.1f}, blocked / dense "
+          f"{blocked / dense:4.1f}")
 
 # %% [markdown]
 # The dense layer's work does not depend on `E` (its line moves only with the machine's
@@ -638,8 +648,11 @@ for e, loop, grouped, dense in zip(expert_counts, *measured.values()):
 # further behind it as experts are added. What is left between it and the dense
 # bound is the routing itself (router, top-k, sort, gather, scatter) and the smaller, less
 # efficient products of many small experts: the price of holding `E` experts' parameters
-# while computing only `K` per token. Making that gap small is the work of MegaBlocks'
-# kernels, and of `moe_course.layers` with `benchmarks/`.
+# while computing only `K` per token. Blocked against grouped is a trade: blocked keeps
+# each expert's rows in cache but issues a dozen small operations per expert, grouped
+# issues a few large ones whose operands stream through memory; which wins depends on how
+# big one expert's block is. Making that gap small is the work of MegaBlocks' and
+# ScatterMoE's kernels, and of `moe_course.fused` with `benchmarks/`.
 
 # %% [markdown]
 # ## Summary
