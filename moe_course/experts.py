@@ -75,70 +75,102 @@ EXPERT_KINDS = ("gelu", "swiglu")
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def _can_grouped_mm(a: Tensor, w: Tensor) -> bool:
-    # It takes fp32/bf16/fp16 with rows a multiple of 16 bytes long; kept to CPU, where it is
-    # measured (benchmarks/) and where every dtype it takes is supported.
-    return (_GROUPED_MM is not None and a.device.type == "cpu"
-            and a.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and (a.shape[1] * a.element_size()) % 16 == 0
-            and (w.shape[2] * w.element_size()) % 16 == 0)
+class _Groups:
+    """Matmuls of rows sorted by expert, `counts[e]` rows for expert `e`.
+
+    torch's grouped matmul (`torch.nn.functional.grouped_mm`: one C++ loop of `mm` on CPU)
+    where it applies (fp32/bf16/fp16 on CPU, rows a multiple of 16 bytes), else a Python
+    loop of `mm` over contiguous slices; `addmm` per expert when there is a bias (it fuses
+    the bias, measured faster than a grouped matmul and an add).
+    """
+
+    def __init__(self, counts: list[int], ref: Tensor, count_tensor: Tensor | None = None
+                 ) -> None:
+        self.counts, self.ref = counts, ref
+        self.starts = [0] * len(counts)
+        for e in range(1, len(counts)):
+            self.starts[e] = self.starts[e - 1] + counts[e - 1]
+        self.offs = None
+        if (_GROUPED_MM is not None and ref.device.type == "cpu"
+                and ref.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+            if count_tensor is None:
+                count_tensor = torch.tensor(counts, device=ref.device)
+            self.offs = count_tensor.cumsum(0, dtype=torch.int32)  # (E,) group ends
+
+    def _grouped(self, *widths: int) -> bool:
+        return self.offs is not None and all(
+            (w * self.ref.element_size()) % 16 == 0 for w in widths)
+
+    def _slices(self):
+        for e, (n, s) in enumerate(zip(self.counts, self.starts, strict=True)):
+            if n:
+                yield e, slice(s, s + n)
+
+    def mm(self, a: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+        """`a_e @ w[e] (+ b[e])` for every group: `(M, I), (E, I, O) -> (M, O)`."""
+        if b is None and self._grouped(a.shape[1], w.shape[2]):
+            return _GROUPED_MM(a, w, offs=self.offs)
+        out = a.new_empty(a.shape[0], w.shape[2])
+        for e, rows in self._slices():
+            if b is None:
+                torch.mm(a[rows], w[e], out=out[rows])
+            else:
+                torch.addmm(b[e], a[rows], w[e], out=out[rows])
+        return out
+
+    def mm_t(self, g: Tensor, w: Tensor, add: Tensor | None = None) -> Tensor:
+        """`g_e @ w[e].T` for every group, `(M, O), (E, I, O) -> (M, I)`, plus `add`."""
+        if self._grouped(w.shape[1], w.shape[2]):
+            out = _GROUPED_MM(g, w.transpose(1, 2), offs=self.offs)
+            return out if add is None else out.add_(add)
+        out = g.new_empty(g.shape[0], w.shape[1]) if add is None else add
+        for e, rows in self._slices():  # beta=1 accumulates into `add` inside the matmul
+            torch.addmm(out[rows], g[rows], w[e].t(), beta=0 if add is None else 1,
+                        out=out[rows])
+        return out
+
+    def wgrad(self, a: Tensor, g: Tensor, n_groups: int) -> Tensor:
+        """`a_e.T @ g_e` for every group, `(M, I), (M, O) -> (E, I, O)`, 0 for empty ones."""
+        if self._grouped(a.shape[1], g.shape[1]):
+            return _GROUPED_MM(a.t(), g, offs=self.offs)
+        out = a.new_zeros(n_groups, a.shape[1], g.shape[1])
+        for e, rows in self._slices():
+            torch.mm(a[rows].t(), g[rows], out=out[e])
+        return out
+
+    def bgrad(self, g: Tensor, n_groups: int) -> Tensor:
+        """Column sums of every group: `(M, O) -> (E, O)`, 0 for empty groups."""
+        if self._grouped(4, g.shape[1]):  # ones (4, M) @ g per group: four copies of the sums
+            ones = g.new_ones(g.shape[0], 4)
+            return _GROUPED_MM(ones.t(), g, offs=self.offs)[:, 0]
+        out = g.new_zeros(n_groups, g.shape[1])
+        for e, rows in self._slices():
+            torch.sum(g[rows], dim=0, out=out[e])
+        return out
 
 
 class _GroupedLinear(torch.autograd.Function):
     """`out[rows of e] = a[rows of e] @ w[e] (+ b[e])` for rows sorted by expert.
 
-    One matmul per expert on a contiguous slice, written straight into one output buffer:
-    torch's grouped matmul where it applies (a C++ loop on CPU), else a Python loop of `mm`,
-    and `addmm` per expert when there is a bias (it fuses the bias). The backward does the
-    same per expert. Autograd sees one node instead of `4 E`, and no full-size zero gradient
-    is built per slice.
+    Forward and backward are `_Groups`' grouped matmuls: one node for autograd instead of
+    `4 E`, and no full-size zero gradient built per slice.
     """
 
     @staticmethod
     def forward(ctx, a: Tensor, w: Tensor, b: Tensor | None, counts: list[int]) -> Tensor:
-        ctx.offs = None
-        if _can_grouped_mm(a, w):
-            ctx.offs = torch.tensor(counts).cumsum(0).to(torch.int32)  # (E,) group ends
-        if ctx.offs is not None and b is None:
-            out = _GROUPED_MM(a, w, offs=ctx.offs)  # (N, H)
-        else:  # with a bias, one addmm per expert fuses it (measured faster than an add)
-            out = a.new_empty(a.shape[0], w.shape[2])  # (N, H)
-            start = 0
-            for e, n in enumerate(counts):
-                if n:
-                    rows = slice(start, start + n)
-                    if b is None:
-                        torch.mm(a[rows], w[e], out=out[rows])
-                    else:
-                        torch.addmm(b[e], a[rows], w[e], out=out[rows])
-                start += n
+        ctx.groups = _Groups(counts, a)
         ctx.save_for_backward(a, w)
-        ctx.counts = counts
         ctx.has_bias = b is not None
-        return out
+        return ctx.groups.mm(a, w, b)  # (N, H)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         a, w = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_b = grad.new_empty(w.shape[0], w.shape[2]) if ctx.has_bias else None  # (E, H)
-        if ctx.offs is not None:
-            grad_a = _GROUPED_MM(grad, w.transpose(1, 2), offs=ctx.offs)  # (N, D)
-            grad_w = _GROUPED_MM(a.t(), grad, offs=ctx.offs)  # (E, D, H), 0 for empty groups
-        else:
-            grad_a = torch.empty_like(a)  # (N, D)
-            grad_w = torch.empty_like(w)  # (E, D, H)
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            rows = slice(start, start + n)
-            if n and ctx.offs is None:
-                torch.mm(grad[rows], w[e].t(), out=grad_a[rows])
-                torch.mm(a[rows].t(), grad[rows], out=grad_w[e])
-            elif not n:  # an expert with no rows gets zero gradient
-                grad_w[e].zero_()
-            if grad_b is not None:
-                torch.sum(grad[rows], dim=0, out=grad_b[e])  # 0 for an empty slice
-            start += n
+        groups: _Groups = ctx.groups
+        grad_a = groups.mm_t(grad, w) if ctx.needs_input_grad[0] else None  # (N, D)
+        grad_w = groups.wgrad(a, grad, w.shape[0]) if ctx.needs_input_grad[1] else None
+        grad_b = groups.bgrad(grad, w.shape[0]) if ctx.has_bias else None  # (E, H)
         return grad_a, grad_w, grad_b, None
 
 

@@ -1,19 +1,26 @@
-"""The fast path of `TopKMoE`: routing, experts, combine and both router losses as one node.
+"""The fast path of `TopKMoE`: router, experts, combine and both router losses as one node.
 
-`layers.TopKMoE` composes the course's functions (`top_k_gating`, `group_by_expert`, the
-`ExpertBank`, `combine`, `switch_aux_loss`, `router_z_loss`), and autograd differentiates
-them op by op. Correct, but each op is a node with saved tensors and, in the backward, a
-pass over memory: gradient buffers filled with zeros, the two branches of SwiGLU accumulated
-with one more add, the gather of the inputs undone by a scatter, ... On a CPU those passes,
-not the matmuls, are what separates a mixture from the dense layer of equal FLOPs.
+`layers.TopKMoE(dispatch="padded")` composes the course's functions (`top_k_gating`,
+`group_by_expert`, the `ExpertBank`, `combine`, the Switch and z losses), and autograd
+differentiates them op by op. Correct, but every op is a node with saved tensors and, in
+the backward, passes over memory that a hand-written backward does not need: gradient
+buffers filled with zeros, one more add to join SwiGLU's two branches, another to join the
+router's share of `dL/dx` to the experts'. On a CPU such passes, not the matmuls, are what
+separates a mixture from the dense layer of equal FLOPs (`benchmarks/README.md`).
 
-`top_k_moe` computes the same thing (same routing, same numbers up to float rounding) as
-one `torch.autograd.Function` with a hand-written backward, in the way a fused MoE kernel
-does (MegaBlocks, Gale et al. 2022, arXiv 2211.15841, sec. 5; ScatterMoE, Tan et al. 2024,
-arXiv 2403.08245): sort the assignments by expert once, then for each expert in turn gather
-its rows, run its matmuls, apply the activation and add its weighted output into `y`, so
-each expert's rows stay in cache from gather to scatter. The backward retraces the same
-loop in reverse with the derivatives written out:
+`top_k_moe` computes the same layer (same routing, same numbers up to float rounding) as
+one `torch.autograd.Function` with its backward written out, the way fused MoE kernels do
+(MegaBlocks, Gale et al. 2022, arXiv 2211.15841; ScatterMoE, Tan et al. 2024, arXiv
+2403.08245): sort the `T*K` assignments by expert once (stable, so GShard's priority and
+capacity hold), then run the experts on their rows in one of two layouts:
+
+- blocked: expert by expert, gather its rows, its matmuls, its activation, its weighted
+  `index_add_` into `y`, so one expert's rows stay in cache from gather to scatter and no
+  buffer larger than one expert's block is allocated;
+- grouped: each step on all sorted rows at once (one gather, grouped matmuls, one
+  activation, one `index_add_`): fewer, larger operations, better for small experts.
+
+The backward retraces the forward with the derivatives written out:
 
     y_t = sum_j w_tj o_tj,   o = f_e(x_t)                        (Shazeer et al. eq. 1)
     dL/dw_tj = <dL/dy_t, o_tj>,  dL/do_tj = w_tj dL/dy_t
@@ -39,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# torch's grouped matmul (`torch.nn.functional.grouped_mm`, earlier `torch._grouped_mm`).
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+from .experts import _Groups
+
 _GELU_BACKWARD = torch.ops.aten.gelu_backward
 _SILU_BACKWARD = torch.ops.aten.silu_backward
 
@@ -61,7 +68,6 @@ class FusedOutput(NamedTuple):
 class _Plan(NamedTuple):
     kept: Tensor  # (E,) kept rows per expert
     counts: list[int]  # the same as a list
-    starts: list[int]  # first sorted row of each expert
     active: list[int]  # the experts with at least one row
     sizes: list[int]  # their row counts
     token: Tensor  # (M,) token of each kept row, rows grouped by expert
@@ -87,84 +93,12 @@ def _plan(indices: Tensor, n_experts: int, capacity: int | None) -> _Plan:
     else:
         kept_per_expert = routed
     counts = kept_per_expert.tolist()
-    starts_list, s = [], 0
-    for n in counts:
-        starts_list.append(s)
-        s += n
     active = [e for e, n in enumerate(counts) if n]
-    return _Plan(kept_per_expert, counts, starts_list, active, [counts[e] for e in active],
+    return _Plan(kept_per_expert, counts, active, [counts[e] for e in active],
                  order % t, order, keep, routed)
 
 
-class _Groups:
-    """Matmuls of rows sorted by expert, `counts[e]` rows for expert `e`.
-
-    torch's grouped matmul (`torch.nn.functional.grouped_mm`: one C++ loop of `mm` on CPU)
-    where it applies (fp32/bf16/fp16 on CPU, rows a multiple of 16 bytes), else a Python
-    loop of `mm` over contiguous slices; `addmm` per expert when there is a bias (it fuses
-    the bias, measured faster than a grouped matmul and an add).
-    """
-
-    def __init__(self, plan: _Plan, ref: Tensor) -> None:
-        self.counts, self.starts, self.ref = plan.counts, plan.starts, ref
-        self.offs = None
-        if (_GROUPED_MM is not None and ref.device.type == "cpu"
-                and ref.dtype in (torch.float32, torch.bfloat16, torch.float16)):
-            self.offs = plan.kept.cumsum(0, dtype=torch.int32)  # (E,) group ends
-
-    def _grouped(self, *widths: int) -> bool:
-        return self.offs is not None and all(
-            (w * self.ref.element_size()) % 16 == 0 for w in widths)
-
-    def _slices(self):
-        for e, (n, s) in enumerate(zip(self.counts, self.starts, strict=True)):
-            if n:
-                yield e, slice(s, s + n)
-
-    def mm(self, a: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-        """`a_e @ w[e] (+ b[e])` for every group: `(M, I), (E, I, O) -> (M, O)`."""
-        if b is None and self._grouped(w.shape[1], w.shape[2]):
-            return _GROUPED_MM(a, w, offs=self.offs)
-        out = a.new_empty(a.shape[0], w.shape[2])
-        for e, rows in self._slices():
-            if b is None:
-                torch.mm(a[rows], w[e], out=out[rows])
-            else:
-                torch.addmm(b[e], a[rows], w[e], out=out[rows])
-        return out
-
-    def mm_t(self, g: Tensor, w: Tensor, add: Tensor | None = None) -> Tensor:
-        """`g_e @ w[e].T` for every group, `(M, O), (E, I, O) -> (M, I)`, plus `add`."""
-        if self._grouped(w.shape[1], w.shape[2]):
-            out = _GROUPED_MM(g, w.transpose(1, 2), offs=self.offs)
-            return out if add is None else out.add_(add)
-        out = g.new_empty(g.shape[0], w.shape[1]) if add is None else add
-        for e, rows in self._slices():  # beta=1 accumulates into `add` inside the matmul
-            torch.addmm(out[rows], g[rows], w[e].t(), beta=0 if add is None else 1,
-                        out=out[rows])
-        return out
-
-    def wgrad(self, a: Tensor, g: Tensor, n_groups: int) -> Tensor:
-        """`a_e.T @ g_e` for every group, `(M, I), (M, O) -> (E, I, O)`, 0 for empty ones."""
-        if self._grouped(a.shape[1], g.shape[1]):
-            return _GROUPED_MM(a.t(), g, offs=self.offs)
-        out = a.new_zeros(n_groups, a.shape[1], g.shape[1])
-        for e, rows in self._slices():
-            torch.mm(a[rows].t(), g[rows], out=out[e])
-        return out
-
-    def bgrad(self, g: Tensor, n_groups: int) -> Tensor:
-        """Column sums of every group: `(M, O) -> (E, O)`, 0 for empty groups."""
-        if self._grouped(4, g.shape[1]):  # ones (4, M) @ g per group: four copies of the sums
-            ones = g.new_ones(g.shape[0], 4)
-            return _GROUPED_MM(ones.t(), g, offs=self.offs)[:, 0]
-        out = g.new_zeros(n_groups, g.shape[1])
-        for e, rows in self._slices():
-            torch.sum(g[rows], dim=0, out=out[e])
-        return out
-
-
-def _phased_forward(kind: str, xs: Tensor, groups: _Groups, params: tuple[Tensor, ...]):
+def _grouped_forward(kind: str, xs: Tensor, groups: _Groups, params: tuple[Tensor, ...]):
     """All experts on all sorted rows `xs` `(M, D)`, one op (or one loop of matmuls) a step."""
     if kind == "gelu":
         w_in, b_in, w_out, b_out = params
@@ -178,7 +112,7 @@ def _phased_forward(kind: str, xs: Tensor, groups: _Groups, params: tuple[Tensor
     return groups.mm(a, w2), (h1, h3, s1, a)
 
 
-def _phased_backward(kind: str, go: Tensor, xs: Tensor, groups: _Groups, saved, params,
+def _grouped_backward(kind: str, go: Tensor, xs: Tensor, groups: _Groups, saved, params,
                      needs: list[bool], need_x: bool):
     """Gradients of the experts' parameters and of `xs` from `go` = dL/d(expert output)."""
     e = params[0].shape[0]
@@ -301,8 +235,8 @@ class _TopKMoE(torch.autograd.Function):
         w_rows = gate.t().reshape(-1).index_select(0, plan.slot)  # (M,) weight of each row
         if not blocked:
             xs = x.index_select(0, plan.token)  # (M, D) rows sorted by expert
-            groups = _Groups(plan, x)
-            o, saved = _phased_forward(kind, xs, groups, params)  # (M, D)
+            groups = _Groups(plan.counts, x, plan.kept)
+            o, saved = _grouped_forward(kind, xs, groups, params)  # (M, D)
             y = torch.zeros_like(x).index_add_(0, plan.token, o * w_rows[:, None])  # (T, D)
         else:
             y, saved = _blocked_forward(kind, x, plan, w_rows, params)
@@ -337,7 +271,7 @@ class _TopKMoE(torch.autograd.Function):
             gy = grad_y.index_select(0, plan.token)  # (M, D) dL/dy of each row's token
             grad_rows = torch.linalg.vecdot(gy, o, dim=1)  # (M,) dL/dw = <dL/dy, o>
             go = gy.mul_(w_rows[:, None])  # (M, D) dL/do
-            gxs, grad_params = _phased_backward(ctx.kind, go, xs, ctx.groups, ctx.saved,
+            gxs, grad_params = _grouped_backward(ctx.kind, go, xs, ctx.groups, ctx.saved,
                                                 params, needs, need_x)
             if need_x:
                 grad_x = torch.zeros_like(x).index_add_(0, plan.token, gxs)

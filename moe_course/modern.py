@@ -227,7 +227,7 @@ def sort_by_expert(indices: Tensor, n_experts: int) -> ExpertOrder:
     expert `e`'s rows are `order[offsets[e] : offsets[e] + counts[e]]` with `offsets =
     counts.cumsum(0) - counts`. Gathering `x[order // K]` lays the rows out expert by expert:
     the input of grouped, dropless computation (MegaBlocks, arXiv 2211.15841), one
-    matmul per expert on a contiguous block (`layers.grouped_linear`).
+    matmul per expert on a contiguous block (`experts.grouped_linear`).
 
     >>> sort_by_expert(torch.tensor([[2, 0], [0, 2], [2, 0]]), n_experts=4)
     ExpertOrder(order=tensor([1, 2, 5, 0, 3, 4]), counts=tensor([3, 0, 3, 0]))
