@@ -45,6 +45,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .experts import _Groups
 
@@ -254,6 +255,7 @@ class _TopKMoE(torch.autograd.Function):
         return y, aux, z, weights, logits, indices, plan.keep, counts
 
     @staticmethod
+    @once_differentiable  # the saved intermediates are not a graph: no double backward
     def backward(ctx, grad_y, grad_aux, grad_z, grad_weights, grad_logits_out,
                  *_):  # type: ignore[override]
         x, w_gate, lse, probs, gate, indices, w_rows, f, *params = ctx.saved_tensors
