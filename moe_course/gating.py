@@ -89,4 +89,7 @@ def noisy_logits(x: Tensor, w_gate: Tensor, w_noise: Tensor,
         return clean
     float_tensor("noise", noise, ndim=2, shape_hint="(T, E)")
     same_shape("noise", noise, "x @ w_gate", clean)
+    if noise.dtype != clean.dtype:
+        raise ValueError(f"noise must have the dtype of x @ w_gate, {clean.dtype}; got "
+                         f"{noise.dtype}")
     return clean + noise * F.softplus(x @ w_noise)  # (T, E), eq. 4

@@ -334,6 +334,8 @@ class TopKMoE(nn.Module):
         if noise.shape != (flat.shape[0], self.n_experts):
             raise ValueError(f"noise must be (T, E) = {(flat.shape[0], self.n_experts)}; got "
                              f"shape {tuple(noise.shape)}")
+        if noise.dtype != flat.dtype:
+            raise ValueError(f"noise must have the layer's dtype {flat.dtype}; got {noise.dtype}")
         return noise * F.softplus(self.w_noise(flat))  # (T, E)
 
     def _capacity(self, n_tokens: int) -> int | None:

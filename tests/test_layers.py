@@ -484,3 +484,20 @@ def test_float32_grouped_matmul_path_equals_the_float64_loop(dispatch):
     fast = _run(layer, layer, x)
     slow = _run(layer.loop_forward, layer, x)
     _assert_same(fast, slow, torch.float32)
+
+
+def test_bad_noise_raises_value_error():
+    layer = TopKMoE(D, H, E, k=2, noisy=True)  # training mode
+    x = torch.randn(6, D)
+    with pytest.raises(ValueError, match=r"^noise must be \(T, E\) = \(6, 4\); got shape"):
+        layer(x, noise=torch.randn(5, E))
+    with pytest.raises(ValueError, match="^noise must have the layer's dtype torch.float32"):
+        layer(x, noise=torch.randn(6, E, dtype=torch.float64))
+    with pytest.raises(ValueError, match="^noise must"):
+        layer(x, noise=torch.randint(0, 2, (6, E)))
+    padded = TopKMoE(D, H, E, k=2, noisy=True, dispatch="padded")
+    for bad in (torch.randn(5, E), torch.randn(6, E, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="^noise (and x @ w_gate )?must"):
+            padded(x, noise=bad)
+        with pytest.raises(ValueError, match="^noise (and x @ w_gate )?must"):
+            padded.loop_forward(x, noise=bad)
