@@ -1,13 +1,17 @@
-"""What may cross the grader's process boundary: plain data, compared exactly.
+"""What may cross the grader's process boundary: plain data, compared exactly; and the
+generic assertions every exercise's probes and checks must satisfy.
 
 Shared by the check tests of every notebook (tests/test_checks*.py).
 """
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import torch
+
+from moe_course.grading import EXERCISES, check, judge_probe, run_probe
 
 
 def equal(a: Any, b: Any) -> bool:
@@ -31,3 +35,44 @@ def plain(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return all(plain(v) for v in value)
     return value is None or isinstance(value, (bool, int, float, str))
+
+
+def round_trip(outputs: Any) -> Any:
+    """`outputs` through `torch.save` / `torch.load(weights_only=True)`: the grader's boundary."""
+    buffer = io.BytesIO()
+    torch.save(outputs, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def inputs_twice(probe: Any) -> tuple[Any, Any]:
+    """A probe's inputs built twice: they must be equal and plain."""
+    first, second = probe.inputs(), probe.inputs()
+    assert equal(first, second)
+    assert plain(first)
+    return first, second
+
+
+def judged_after_round_trip(exercise: Any, probe: Any, impl: Any, first: Any,
+                            second: Any) -> None:
+    """A correct `impl` run on `first` gives plain outputs that survive the round trip
+    unchanged and pass the judge on the fresh copy `second` of the inputs."""
+    outputs = run_probe(exercise, probe, impl, first)
+    assert plain(outputs)
+    loaded = round_trip(outputs)
+    assert equal(loaded, outputs)
+    judge_probe(exercise, probe, second, loaded)
+
+
+def passes_silently(grade_id: str, impls: list[Any], capture: Any) -> None:
+    """Each of `impls` passes the visible and the hidden check of `grade_id`, printing one
+    line each and nothing on stderr (`capture`: pytest's capsys or capfd)."""
+    symbol = EXERCISES[grade_id].symbol
+    for impl in impls:
+        check(grade_id, impl)
+        check(grade_id, impl, hidden=True)
+        out, err = capture.readouterr()
+        assert err == ""
+        lines = out.splitlines()
+        assert len(lines) == 2 and all(line.startswith(f"✓ {symbol}: ") for line in lines), out
+        assert "hidden" in lines[1] and "passed" in lines[0]

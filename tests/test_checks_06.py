@@ -11,7 +11,6 @@ process (torch's threaded process group), so these tests start no process.
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from typing import Any
@@ -407,15 +406,7 @@ def test_every_exercise_has_correct_implementations_and_mistakes():
 
 @pytest.mark.parametrize("grade_id", GRADED[:2])
 def test_correct_implementation_passes_silently(grade_id, capfd):
-    symbol = EXERCISES[grade_id].symbol
-    for impl in CORRECT[grade_id]:
-        check(grade_id, impl)
-        check(grade_id, impl, hidden=True)
-        out, err = capfd.readouterr()
-        assert err == ""
-        lines = out.splitlines()
-        assert len(lines) == 2 and all(line.startswith(f"✓ {symbol}: ") for line in lines), out
-        assert "hidden" in lines[1] and "passed" in lines[0]
+    probe_data.passes_silently(grade_id, CORRECT[grade_id], capfd)
 
 
 def test_correct_layer_passes_silently_on_every_world_size(capsys):
@@ -596,19 +587,10 @@ _equal, _plain = probe_data.equal, probe_data.plain
                          ids=[f"{g}-{p.name}" for g, p in PROBES])
 def test_inputs_are_deterministic_tie_free_plain_and_outputs_round_trip(grade_id, probe):
     exercise = EXERCISES[grade_id]
-    first, second = probe.inputs(), probe.inputs()
-    assert _equal(first, second)
-    assert _plain(first)
+    first, second = probe_data.inputs_twice(probe)
     if grade_id == LAYER:
         assert min_gap_of(first) > 1e-3
-    outputs = run_probe(exercise, probe, CORRECT[grade_id][0], first)
-    assert _plain(outputs)
-    buffer = io.BytesIO()
-    torch.save(outputs, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
-    assert _equal(loaded, outputs)
-    judge_probe(exercise, probe, second, loaded)
+    probe_data.judged_after_round_trip(exercise, probe, CORRECT[grade_id][0], first, second)
     with pytest.raises(CheckFailure):
         judge_probe(exercise, probe, second, {})
 

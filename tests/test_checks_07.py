@@ -11,7 +11,6 @@ message; inputs are deterministic, plain and tie-free; outputs survive
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import probe_data
@@ -138,15 +137,7 @@ def test_every_graded_exercise_has_a_correct_implementation():
 
 @pytest.mark.parametrize("grade_id", sorted(CORRECT))
 def test_correct_implementation_passes_silently(grade_id, capsys):
-    symbol = EXERCISES[grade_id].symbol
-    for impl in CORRECT[grade_id]:
-        check(grade_id, impl)
-        check(grade_id, impl, hidden=True)
-        out, err = capsys.readouterr()
-        assert err == ""
-        lines = out.splitlines()
-        assert len(lines) == 2 and all(line.startswith(f"✓ {symbol}: ") for line in lines), out
-        assert "hidden" in lines[1] and "passed" in lines[0]
+    probe_data.passes_silently(grade_id, CORRECT[grade_id], capsys)
 
 
 # ========================================================================================
@@ -543,19 +534,10 @@ def _order_margins(grade_id: str, inputs: dict) -> list[float]:
                          ids=[f"{g}-{p.name}" for g, p in PROBES])
 def test_inputs_are_deterministic_tie_free_plain_and_outputs_round_trip(grade_id, probe):
     exercise = EXERCISES[grade_id]
-    first, second = probe.inputs(), probe.inputs()
-    assert _equal(first, second)
-    assert _plain(first)
+    first, second = probe_data.inputs_twice(probe)
     for gap in _order_margins(grade_id, first):
         assert gap > MARGIN
-    outputs = run_probe(exercise, probe, CORRECT[grade_id][0], first)
-    assert _plain(outputs)
-    buffer = io.BytesIO()
-    torch.save(outputs, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
-    assert _equal(loaded, outputs)
-    judge_probe(exercise, probe, second, loaded)
+    probe_data.judged_after_round_trip(exercise, probe, CORRECT[grade_id][0], first, second)
 
 
 def test_order_dependent_probes_are_covered_by_the_tie_check():

@@ -11,9 +11,9 @@ import math
 from collections import Counter
 from decimal import Decimal
 
+import expert_data
 import pytest
 import torch
-from torch import nn
 
 from moe_course import (
     expert_choice_capacity,
@@ -37,16 +37,10 @@ def assert_columns_tie_free(scores: list[list[float]]) -> None:
         assert len(set(column)) == len(column), "test input has tied affinities"
 
 
-class Recorder(nn.Module):
-    """An expert that records every batch it is called on."""
+class Recorder(expert_data.Recorder):
+    """A recording expert with another nonlinearity than the shared one."""
 
-    def __init__(self, scale: float) -> None:
-        super().__init__()
-        self.scale = scale
-        self.calls: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls.append(x.detach().clone())
+    def f(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cos(self.scale * x) * self.scale
 
 

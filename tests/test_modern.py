@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 
+import expert_data
 import pytest
 import torch
-from torch import nn
+from expert_data import Recorder, randn
 
 from moe_course import (
-    Expert,
     aux_free_bias_update,
     dense_moe,
     shared_expert_moe,
@@ -35,31 +35,8 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def randn(seed: int, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen(seed), dtype=torch.float64)
-
-
-def make_experts(seed: int, n: int) -> nn.ModuleList:
-    """`n` float64 experts with seeded, distinct weights."""
-    experts = nn.ModuleList(Expert(D, H).double() for _ in range(n))
-    g = gen(seed)
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
-    return experts
-
-
-class Recorder(nn.Module):
-    """A nonlinear expert that records every batch it is called on."""
-
-    def __init__(self, scale: float) -> None:
-        super().__init__()
-        self.scale = scale
-        self.calls: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls.append(x.detach().clone())
-        return torch.tanh(self.scale * x)
+def make_experts(seed: int, n: int):
+    return expert_data.make_experts(seed, n, D, H)
 
 
 # ========================================================================================

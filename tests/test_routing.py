@@ -6,42 +6,19 @@ experts, and the FLOP count with an independent tally of multiply-adds.
 
 from __future__ import annotations
 
+import expert_data
 import pytest
 import torch
-from torch import nn
+from expert_data import Recorder, randn
 
-from moe_course import Expert, dense_moe, moe_flops, sparse_moe, top_k_gating
+from moe_course import dense_moe, moe_flops, sparse_moe, top_k_gating
 
 SEEDS = [0, 1, 2]
 T, D, H, E = 7, 4, 6, 5
 
 
-def randn(seed: int, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed),
-                       dtype=torch.float64)
-
-
-def make_experts(seed: int, n: int = E) -> nn.ModuleList:
-    """`n` float64 experts with seeded, distinct weights."""
-    experts = nn.ModuleList(Expert(D, H).double() for _ in range(n))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
-    return experts
-
-
-class Recorder(nn.Module):
-    """An expert that records every batch it is called on."""
-
-    def __init__(self, scale: float) -> None:
-        super().__init__()
-        self.scale = scale
-        self.calls: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls.append(x.detach().clone())
-        return torch.tanh(self.scale * x)
+def make_experts(seed: int, n: int = E):
+    return expert_data.make_experts(seed, n, D, H)
 
 
 def rows_of(batch: torch.Tensor, x: torch.Tensor) -> list[int]:
