@@ -57,19 +57,6 @@ class ExpertOrder(NamedTuple):
     counts: Tensor  # (E,) int64 assignments per expert, 0 for an expert nobody chose
 
 
-def _shared_list(name: str, experts: object) -> int:
-    # Like `experts_list`, but an empty sequence is allowed: no shared experts at all.
-    try:
-        n = len(experts)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence (list or nn.ModuleList) of expert "
-                         f"modules, possibly empty; got {type(experts).__name__}") from None
-    if not all(callable(e) for e in experts):  # type: ignore[union-attr]
-        raise ValueError(f"{name} must hold callable experts; got "
-                         f"{[type(e).__name__ for e in experts]}")  # type: ignore[union-attr]
-    return n
-
-
 def shared_expert_moe(x: Tensor, shared_experts: Sequence[ExpertFn],
                       routed_experts: Sequence[ExpertFn], w_gate: Tensor,
                       k: int) -> SharedMoEOutput:
@@ -95,7 +82,7 @@ def shared_expert_moe(x: Tensor, shared_experts: Sequence[ExpertFn],
     (tensor([[100.7311, 100.7311]]), tensor([[0.7311]]), tensor([[0]]))
     """
     n_routed = experts_list("routed_experts", routed_experts)
-    _shared_list("shared_experts", shared_experts)
+    experts_list("shared_experts", shared_experts, allow_empty=True)
     float_tensor("x", x, ndim=2, shape_hint="(T, D)")
     float_tensor("w_gate", w_gate, ndim=2, shape_hint="(D, E)")
     if w_gate.shape != (x.shape[1], n_routed):

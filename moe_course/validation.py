@@ -88,14 +88,20 @@ def same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
 
 
-def experts_list(name: str, experts: object) -> int:
-    """Require a non-empty sequence of callables (a list or `nn.ModuleList`); return `E`."""
+def experts_list(name: str, experts: object, allow_empty: bool = False) -> int:
+    """Require a sequence of callables (a list or `nn.ModuleList`), non-empty unless
+    `allow_empty`; return its length."""
+    what = "expert modules, possibly empty" if allow_empty else "E expert modules"
     try:
         n = len(experts)  # type: ignore[arg-type]
     except TypeError:
-        raise ValueError(f"{name} must be a sequence (list or nn.ModuleList) of E expert "
-                         f"modules; got {_describe(experts)}") from None
-    if n == 0 or not all(callable(e) for e in experts):  # type: ignore[union-attr]
+        raise ValueError(f"{name} must be a sequence (list or nn.ModuleList) of {what}; got "
+                         f"{_describe(experts)}") from None
+    callables = all(callable(e) for e in experts)  # type: ignore[union-attr]
+    if allow_empty and not callables:
+        raise ValueError(f"{name} must hold callable experts; got "
+                         f"{[type(e).__name__ for e in experts]}")  # type: ignore[union-attr]
+    if not allow_empty and (n == 0 or not callables):
         raise ValueError(f"{name} must be a non-empty sequence of callable experts; got {n} "
                          "items")
     return n
