@@ -280,8 +280,9 @@ class _TopKMoE(torch.autograd.Function):
         grad_w_gate = grad_extra = None
         if need_x or need_w_gate or need_extra:  # the router's gradient, dL/dlogits
             k = ctx.k
-            grad_gate = torch.zeros_like(gate)  # (T, K) dL/d(gate weight)
-            if grad_rows is not None:
+            if grad_rows is None:  # (T, K) dL/d(gate weight)
+                grad_gate = torch.zeros_like(gate)
+            else:  # rows back to choice-major slots j*T + t; dropped slots get 0
                 grad_gate = grad_rows.new_zeros(k * t).index_copy_(0, plan.slot, grad_rows)
                 grad_gate = grad_gate.reshape(k, t).t()
             if grad_weights is not None:

@@ -307,36 +307,36 @@ class TopKMoE(nn.Module):
             nn.init.zeros_(self.w_noise.weight)
         self.experts = ExpertBank(d_model, d_hidden, n_experts, expert)
 
-    def _noise_unused(self, noise: Tensor | None) -> None:
-        if noise is not None:
-            raise ValueError("noise is only used by a noisy layer in training mode; got a "
-                             f"noise tensor for a layer with noisy={self.noisy}, "
-                             f"training={self.training}")
-
-    def _logits(self, flat: Tensor, noise: Tensor | None) -> Tensor:
+    def _noise(self, flat: Tensor, noise: Tensor | None) -> Tensor | None:
+        """The `(T, E)` noise of eq. 4 (drawn if not given) in noisy training, else None."""
         if self.w_noise is None or not self.training:
-            self._noise_unused(noise)
-            return self.gate(flat)  # (T, E)
-        if noise is None:
-            noise = torch.randn(flat.shape[0], self.n_experts, dtype=flat.dtype,
-                                device=flat.device)  # (T, E)
-        return noisy_logits(flat, self.gate.weight.t(), self.w_noise.weight.t(), noise)
-
-    def _noise_term(self, flat: Tensor, noise: Tensor | None) -> Tensor | None:
-        """`noise * softplus(x @ W_noise)` of eq. 4 (noisy training), else None."""
-        if self.w_noise is None or not self.training:
-            self._noise_unused(noise)
+            if noise is not None:
+                raise ValueError("noise is only used by a noisy layer in training mode; got a "
+                                 f"noise tensor for a layer with noisy={self.noisy}, "
+                                 f"training={self.training}")
             return None
         if noise is None:
-            noise = torch.randn(flat.shape[0], self.n_experts, dtype=flat.dtype,
-                                device=flat.device)  # (T, E)
+            return torch.randn(flat.shape[0], self.n_experts, dtype=flat.dtype,
+                               device=flat.device)  # (T, E)
         float_tensor("noise", noise, ndim=2, shape_hint="(T, E)")
         if noise.shape != (flat.shape[0], self.n_experts):
             raise ValueError(f"noise must be (T, E) = {(flat.shape[0], self.n_experts)}; got "
                              f"shape {tuple(noise.shape)}")
         if noise.dtype != flat.dtype:
             raise ValueError(f"noise must have the layer's dtype {flat.dtype}; got {noise.dtype}")
-        return noise * F.softplus(self.w_noise(flat))  # (T, E)
+        return noise
+
+    def _logits(self, flat: Tensor, noise: Tensor | None) -> Tensor:
+        """Router logits by the course's functions (the loop oracle and the padded layout)."""
+        noise = self._noise(flat, noise)
+        if noise is None:
+            return self.gate(flat)  # (T, E)
+        return noisy_logits(flat, self.gate.weight.t(), self.w_noise.weight.t(), noise)
+
+    def _noise_term(self, flat: Tensor, noise: Tensor | None) -> Tensor | None:
+        """`noise * softplus(x @ W_noise)` of eq. 4 (noisy training), else None."""
+        noise = self._noise(flat, noise)
+        return None if noise is None else noise * F.softplus(self.w_noise(flat))  # (T, E)
 
     def _capacity(self, n_tokens: int) -> int | None:
         if self.capacity_factor is None:
