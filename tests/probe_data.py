@@ -9,9 +9,10 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import pytest
 import torch
 
-from moe_course.grading import EXERCISES, check, judge_probe, run_probe
+from moe_course.grading import EXERCISES, CheckFailure, check, judge_probe, run_probe
 
 
 def equal(a: Any, b: Any) -> bool:
@@ -76,3 +77,24 @@ def passes_silently(grade_id: str, impls: list[Any], capture: Any) -> None:
         lines = out.splitlines()
         assert len(lines) == 2 and all(line.startswith(f"✓ {symbol}: ") for line in lines), out
         assert "hidden" in lines[1] and "passed" in lines[0]
+
+
+def truncated(value: Any) -> Any:
+    """`value` with every list emptied (dicts kept): outputs with their records cut off."""
+    if isinstance(value, dict):
+        return {k: truncated(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return []
+    return value
+
+
+def judge_refuses_missing_or_truncated(exercise: Any, probe: Any, impl: Any) -> None:
+    """The judge fails empty outputs, and the correct `impl`'s outputs with lists cut off."""
+    inputs = probe.inputs()
+    with pytest.raises(CheckFailure):
+        judge_probe(exercise, probe, inputs, {})
+    outputs = run_probe(exercise, probe, impl, inputs)
+    cut = truncated(outputs)
+    if not equal(cut, outputs):  # some list was non-empty: a shorter one must not pass
+        with pytest.raises(CheckFailure):
+            judge_probe(exercise, probe, inputs, cut)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import moe_course
-from moe_course.grading import EXERCISES, CheckFailure, check, judge_probe, run_probe
+from moe_course.grading import EXERCISES, CheckFailure, check
 from moe_course.grading.inputs import MARGIN
 from moe_course.modern import aux_free_bias_update as _alias_bias_update
 from moe_course.modern import shared_expert_moe as _alias_shared
@@ -556,23 +556,8 @@ def test_sort_probes_have_ties_and_idle_experts():
             assert int(counts.min()) == 0  # an idle expert must be counted as 0
 
 
-def _truncated(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _truncated(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return []
-    return value
-
-
 @pytest.mark.parametrize(("grade_id", "probe"), PROBES,
                          ids=[f"{g}-{p.name}" for g, p in PROBES])
 def test_judge_refuses_missing_or_truncated_outputs(grade_id, probe):
-    exercise = EXERCISES[grade_id]
-    inputs = probe.inputs()
-    with pytest.raises(CheckFailure):
-        judge_probe(exercise, probe, inputs, {})
-    outputs = run_probe(exercise, probe, CORRECT[grade_id][0], inputs)
-    cut = _truncated(outputs)
-    if not _equal(cut, outputs):  # some list was non-empty: a shorter one must not pass
-        with pytest.raises(CheckFailure):
-            judge_probe(exercise, probe, inputs, cut)
+    probe_data.judge_refuses_missing_or_truncated(EXERCISES[grade_id], probe,
+                                                  CORRECT[grade_id][0])
