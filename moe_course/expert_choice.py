@@ -17,13 +17,14 @@ import torch
 from torch import Tensor
 
 from .capacity import _exact
-from .routing import ExpertFn
+from .routing import ExpertFn, run_expert
 from .validation import (
     experts_list,
     float_tensor,
     index_tensor,
     positive_float,
     positive_int,
+    routable_logits,
     same_shape,
 )
 
@@ -51,7 +52,9 @@ def expert_choice_routing(logits: Tensor, capacity: int) -> ExpertChoice:
     """Each expert takes the `C` tokens with the largest `S = softmax(logits)` (Zhou et al. eq. 1).
 
     The softmax is over experts (each token's row sums to 1), then `TopK(S^T, C)` picks,
-    for every expert, its `C` highest-affinity tokens in descending order.
+    for every expert, its `C` highest-affinity tokens in descending order. NaN and `+inf`
+    logits are refused with a ValueError (their softmax is NaN); `-inf` masks an expert off
+    for that token, and a row needs at least one finite logit.
 
     >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     >>> gates, token_idx = expert_choice_routing(logits, capacity=2)
@@ -61,6 +64,7 @@ def expert_choice_routing(logits: Tensor, capacity: int) -> ExpertChoice:
     """
     float_tensor("logits", logits, ndim=2, shape_hint="(T, E)")
     capacity = positive_int("capacity", capacity, maximum=logits.shape[0])
+    routable_logits("logits", logits)
     scores = torch.softmax(logits, dim=-1)  # (T, E), S = Softmax(X W_g), eq. 1
     gates, token_idx = scores.t().topk(capacity, dim=-1)  # (E, C), (E, C): G, I = TopK(S^T, k)
     return ExpertChoice(gates, token_idx)
@@ -90,8 +94,8 @@ def expert_choice_moe(x: Tensor, experts: Sequence[ExpertFn], gates: Tensor,
                          f"{tuple(gates.shape)}")
     token_idx = token_idx.long()  # a uint8 index would be read as a boolean mask
     y = x.new_zeros(x.shape)  # (T, D)
-    for e, expert in enumerate(experts):
-        out = expert(x[token_idx[e]])  # (C, D)
+    for e in range(n_experts):
+        out = run_expert(experts, e, x[token_idx[e]])  # (C, D)
         y = y.index_add(0, token_idx[e], (gates[e, :, None] * out).to(y.dtype))  # (T, D)
     return y
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .validation import experts_list, float_tensor, positive_int
+from .validation import experts_list, float_tensor, layer_input, positive_int
 
 
 class Expert(nn.Module):
@@ -42,6 +42,7 @@ class Expert(nn.Module):
         self.w_out = nn.Linear(d_hidden, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
+        layer_input("x", x, self.w_in.in_features, self.w_in.weight.dtype)
         return self.w_out(F.gelu(self.w_in(x)))  # exact GELU, approximate="none"
 
 
@@ -64,6 +65,7 @@ class SwiGLUExpert(nn.Module):
         self.w2 = nn.Linear(d_hidden, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        layer_input("x", x, self.w1.in_features, self.w1.weight.dtype)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 

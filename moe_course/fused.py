@@ -48,6 +48,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .experts import _Groups
+from .validation import routable_logits
 
 _GELU_BACKWARD = torch.ops.aten.gelu_backward
 _SILU_BACKWARD = torch.ops.aten.silu_backward
@@ -230,6 +231,7 @@ class _TopKMoE(torch.autograd.Function):
             logits = logits + extra  # eq. 4's noise term
         t, e = logits.shape
         lse = torch.logsumexp(logits, dim=-1)  # (T,)
+        routable_logits("the router logits x @ W_g", logits, lse)  # NaN/+inf: no NaN weights
         top, indices = logits.topk(k, dim=-1)  # (T, K), best first
         gate = torch.softmax(top, dim=-1)  # (T, K) eq. 3, before capacity
         plan = _plan(indices, e, capacity)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .validation import float_tensor, positive_int, same_shape
+from .validation import float_tensor, positive_int, routable_logits, same_dtype, same_shape
 
 
 class TopK(NamedTuple):
@@ -32,6 +32,7 @@ def _router_weights(x: Tensor, w_gate: Tensor, name: str = "w_gate") -> None:
     if w_gate.shape[0] != x.shape[1]:
         raise ValueError(f"{name} must be (D, E) with D = x.shape[1] = {x.shape[1]}; got shape "
                          f"{tuple(w_gate.shape)}")
+    same_dtype("x", x, name, w_gate)
 
 
 def softmax_gate(x: Tensor, w_gate: Tensor) -> Tensor:
@@ -55,6 +56,10 @@ def top_k_gating(logits: Tensor, k: int) -> TopK:
     over the kept logits equals the full softmax renormalised over the kept experts, because
     the normaliser `sum_j exp(l_j)` cancels.
 
+    NaN and `+inf` logits are refused with a ValueError (their softmax is NaN); `-inf` masks
+    an expert off for that token, and a row needs at least one finite logit. `k` may be any
+    integer scalar (`2`, `np.int64(2)`, `torch.tensor(2)`).
+
     >>> w, i = top_k_gating(torch.tensor([[1.0, 3.0, 2.0, 0.0]]), k=2)
     >>> i
     tensor([[1, 2]])
@@ -63,6 +68,7 @@ def top_k_gating(logits: Tensor, k: int) -> TopK:
     """
     float_tensor("logits", logits, ndim=2, shape_hint="(T, E)")
     k = positive_int("k", k, maximum=logits.shape[1])
+    routable_logits("logits", logits)
     top_logits, indices = logits.topk(k, dim=-1, sorted=True)  # (T, K), (T, K)
     weights = torch.softmax(top_logits, dim=-1)  # (T, K): softmax(KeepTopK(H, k)), eq. 3
     return TopK(weights, indices)

@@ -26,9 +26,19 @@ from .fused import top_k_moe
 from .gating import noisy_logits, top_k_gating
 from .losses import router_z_loss, switch_aux_loss
 from .routing import sparse_moe
-from .validation import float_tensor, index_tensor, positive_float, positive_int
+from .validation import (
+    float_tensor,
+    index_tensor,
+    positive_float,
+    positive_int,
+    routable_logits,
+)
 
 ROUTERS = ("top_k", "expert_choice")
+
+
+# How a layer's NaN/inf check names its router logits: the caller passed x, not logits.
+_ROUTER_LOGITS = "the router logits x @ W_g"
 
 
 class TokenChoice(NamedTuple):
@@ -64,6 +74,9 @@ class MoEFeedForward(nn.Module):
     (Zhou et al. 2022, arXiv 2202.09368); `c` defaults to `k`, so that on average a token
     gets `k` experts, the same compute as top-k. Its aux loss is 0: balance is built in.
 
+    `x` must hold at least one token and have the layer's dtype (a ValueError otherwise, as
+    in `TopKMoE`); router logits that are NaN or `+inf` are a ValueError too.
+
     >>> layer = MoEFeedForward(d_model=8, d_hidden=16, n_experts=4, k=2)
     >>> out = layer(torch.randn(2, 5, 8))
     >>> out.y.shape, out.routing.indices.shape, float(out.expert_load.sum())
@@ -87,14 +100,10 @@ class MoEFeedForward(nn.Module):
         self.experts = nn.ModuleList(Expert(d_model, d_hidden) for _ in range(n_experts))
 
     def forward(self, x: Tensor) -> MoEOutput:
-        float_tensor("x", x, shape_hint="(B, S, D) or (T, D)")
-        d = self.gate.in_features
-        if x.shape[-1] != d or x.dim() not in (2, 3):
-            raise ValueError(f"x must be (B, S, D) or (T, D) with D = {d}; got shape "
-                             f"{tuple(x.shape)}")
-        flat = x.reshape(-1, d)  # (T, D)
+        flat = _token_input("x", x, self.gate.in_features, self.gate.weight.dtype)  # (T, D)
         n_tokens = flat.shape[0]
         logits = self.gate(flat)  # (T, E)
+        routable_logits(_ROUTER_LOGITS, logits)
         z_loss = router_z_loss(logits)
         if self.router == "top_k":
             weights, indices = top_k_gating(logits, self.k)  # (T, K), (T, K)
@@ -330,8 +339,11 @@ class TopKMoE(nn.Module):
         """Router logits by the course's functions (the loop oracle and the padded layout)."""
         noise = self._noise(flat, noise)
         if noise is None:
-            return self.gate(flat)  # (T, E)
-        return noisy_logits(flat, self.gate.weight.t(), self.w_noise.weight.t(), noise)
+            logits = self.gate(flat)  # (T, E)
+        else:
+            logits = noisy_logits(flat, self.gate.weight.t(), self.w_noise.weight.t(), noise)
+        routable_logits(_ROUTER_LOGITS, logits)
+        return logits
 
     def _noise_term(self, flat: Tensor, noise: Tensor | None) -> Tensor | None:
         """`noise * softplus(x @ W_noise)` of eq. 4 (noisy training), else None."""
@@ -469,6 +481,7 @@ class ExpertChoiceMoE(nn.Module):
     def _route(self, x: Tensor) -> tuple[Tensor, Tensor, ExpertChoice]:
         flat = _token_input("x", x, self.d_model, self.gate.weight.dtype)  # (T, D)
         logits = self.gate(flat)  # (T, E)
+        routable_logits(_ROUTER_LOGITS, logits)
         capacity = expert_choice_capacity(flat.shape[0], self.n_experts, self.capacity_factor)
         return flat, logits, expert_choice_routing(logits, capacity)  # (E, C) each
 

@@ -17,9 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .validation import float_tensor, index_tensor, positive_int, same_shape
+from .validation import (
+    float_tensor,
+    index_tensor,
+    nonempty,
+    positive_int,
+    same_shape,
+)
 
 EPS = 1e-10
+IGNORE_INDEX = -100  # moe_lm_loss skips these targets, F.cross_entropy's default
 
 
 def cv_squared(v: Tensor) -> Tensor:
@@ -76,7 +83,8 @@ def load_loss(clean_logits: Tensor, noisy_logits: Tensor, noise_std: Tensor, k: 
     `P(x, i) = Phi((clean_i - kth_excluding(noisy, k, i)) / noise_std_i)` is the probability
     that expert `i` would still be in the top k if only its own noise were re-drawn;
     `Load(X) = sum_x P(x, .)` is differentiable, and the loss is
-    `w_load * cv_squared(Load(X))`. `noise_std` is `softplus(x @ w_noise)`, `(T, E)`.
+    `w_load * cv_squared(Load(X))`. `noise_std` is `softplus(x @ w_noise)`, `(T, E)`, every
+    entry finite and > 0 (a ValueError otherwise: a zero or negative scale has no normal CDF).
 
     >>> c = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     >>> load_loss(c, c, torch.ones(2, 2), k=1, w_load=1.0)
@@ -88,6 +96,10 @@ def load_loss(clean_logits: Tensor, noisy_logits: Tensor, noise_std: Tensor, k: 
     same_shape("clean_logits", clean_logits, "noisy_logits", noisy_logits)
     same_shape("clean_logits", clean_logits, "noise_std", noise_std)
     k = positive_int("k", k, maximum=clean_logits.shape[1])
+    if noise_std.numel() and not bool((noise_std > 0).all() & torch.isfinite(noise_std).all()):
+        bad = noise_std[~((noise_std > 0) & torch.isfinite(noise_std))]
+        raise ValueError(f"noise_std must be finite and > 0 everywhere (softplus(x @ w_noise)); "
+                         f"got {bad.numel()} entries that are not, e.g. {float(bad[0])}")
     kth, next_ = _kth_excluding(noisy_logits, k)  # (T, 1), (T, 1)
     in_top_k = noisy_logits > next_  # (T, E): i beats the (k+1)-th, so it is in the top k
     threshold = torch.where(in_top_k, next_, kth)  # (T, E) kth_excluding(H(x), k, i), eq. 9
@@ -132,12 +144,14 @@ def router_z_loss(logits: Tensor) -> Tensor:
     """ST-MoE router z-loss, `mean_t logsumexp(logits_t)**2` (Zoph et al. eq. 5).
 
     Penalises large router logits, which keeps the softmax out of its saturated, roundoff-
-    prone regime without changing which expert wins.
+    prone regime without changing which expert wins. No tokens, `(0, E)`, is a ValueError
+    (a mean over nothing).
 
     >>> router_z_loss(torch.zeros(3, 4)) == torch.log(torch.tensor(4.0)) ** 2
     tensor(True)
     """
     float_tensor("logits", logits, ndim=2, shape_hint="(T, E)")
+    nonempty("logits", logits, shape_hint="(T, E)")
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
@@ -166,17 +180,37 @@ def moe_lm_loss(logits: Tensor, targets: Tensor, aux_losses: Sequence[Any],
     attributes, e.g. `MoEOutput`) or an `(aux_loss, z_loss)` pair. Switch Transformer uses
     `aux_weight = 0.01` (Sec. 2.2), ST-MoE `z_weight = 0.001` (Sec. 3.1).
 
+    Targets equal to `IGNORE_INDEX = -100` (padding, prompt tokens) are left out of the
+    cross-entropy's mean, exactly as `F.cross_entropy`'s default `ignore_index=-100` does;
+    every other target must lie in `[0, V)`. (The value is fixed, not a parameter: the
+    course contract fixes this signature, and -100 is the convention of torch and Hugging
+    Face.) A batch with no target left (no tokens, or every one ignored) is a ValueError:
+    its mean cross-entropy would be NaN.
+
     >>> logits = torch.zeros(1, 2, 4)
     >>> targets = torch.tensor([[0, 3]])
     >>> moe_lm_loss(logits, targets, [(torch.tensor(1.0), torch.tensor(2.0))])
     tensor(1.3983)
+    >>> moe_lm_loss(logits, torch.tensor([[0, -100]]), [])  # only the first target counts
+    tensor(1.3863)
     """
     float_tensor("logits", logits, shape_hint="(B, S, V)")
-    index_tensor("targets", targets, shape_hint="(B, S)", upper=logits.shape[-1])
+    if logits.dim() == 0:
+        raise ValueError("logits must be (B, S, V) or (T, V); got a 0-dimensional tensor")
+    vocab = logits.shape[-1]
+    index_tensor("targets", targets, shape_hint="(B, S)", values=False)  # its dtype
+    kept = targets[targets != IGNORE_INDEX]  # (N,) the targets that count
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= vocab):
+        raise ValueError(f"targets values must lie in [0, {vocab}) or be {IGNORE_INDEX} "
+                         f"(ignored); got values from {int(kept.min())} to {int(kept.max())}")
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"targets must have shape logits.shape[:-1] = "
                          f"{tuple(logits.shape[:-1])}; got {tuple(targets.shape)}")
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
+    if kept.numel() == 0:
+        raise ValueError(f"targets must hold at least one target that is not {IGNORE_INDEX} "
+                         f"(ignored); got shape {tuple(targets.shape)} with none")
+    ce = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1).long(),
+                         ignore_index=IGNORE_INDEX)  # the mean over the kept targets
     pairs = [_aux_and_z(item, i) for i, item in enumerate(aux_losses)]
     aux = sum((a for a, _ in pairs), logits.new_zeros(()))
     z = sum((z for _, z in pairs), logits.new_zeros(()))

@@ -51,6 +51,28 @@ def dense_moe(x: Tensor, experts: Sequence[ExpertFn], w_gate: Tensor) -> DenseMo
     return DenseMoE(y, gates)
 
 
+def run_expert(experts: Sequence[ExpertFn], e: int, rows: Tensor, name: str = "experts") -> Tensor:
+    """`experts[e](rows)`, `(n, D) -> (n, D)`, or a ValueError naming the expert and both
+    shapes when it cannot take `D`-wide rows of this dtype or returns another shape (torch
+    alone would say only "mat1 and mat2 shapes cannot be multiplied").
+
+    >>> run_expert([torch.nn.Linear(5, 5)], 0, torch.zeros(2, 3))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: experts[0] must take and return (n, D) rows of x, ... of shape (2, 3); got ...
+    """
+    what = f"{name}[{e}] must take and return (n, D) rows of x, a {rows.dtype} tensor of shape " \
+        f"{tuple(rows.shape)}"
+    try:
+        out = experts[e](rows)
+    except (RuntimeError, ValueError) as err:  # torch's raw error, or the expert's own check
+        raise ValueError(f"{what}; got {type(err).__name__}: {err}") from err
+    if not isinstance(out, Tensor) or out.shape != rows.shape:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"{what}; got {got}")
+    return out
+
+
 def sparse_moe(x: Tensor, experts: Sequence[ExpertFn], weights: Tensor,
                indices: Tensor) -> Tensor:
     """`y[t] = sum_j weights[t, j] * experts[indices[t, j]](x[t])` (Shazeer et al. eq. 1).
@@ -74,11 +96,11 @@ def sparse_moe(x: Tensor, experts: Sequence[ExpertFn], weights: Tensor,
         raise ValueError(f"weights must be (T, K) with T = x.shape[0] = {x.shape[0]}; got shape "
                          f"{tuple(weights.shape)}")
     y = x.new_zeros(x.shape)  # (T, D)
-    for e, expert in enumerate(experts):
+    for e in range(n_experts):
         token, slot = torch.nonzero(indices == e, as_tuple=True)  # (n_e,), (n_e,)
         if token.numel() == 0:
             continue
-        out = expert(x[token])  # (n_e, D)
+        out = run_expert(experts, e, x[token])  # (n_e, D)
         y = y.index_add(0, token, (weights[token, slot, None] * out).to(y.dtype))  # (T, D)
     return y
 

@@ -8,6 +8,8 @@ from deep inside torch.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -37,14 +39,17 @@ def float_tensor(name: str, t: object, ndim: int | None = None, shape_hint: str 
 
 
 def index_tensor(name: str, t: object, ndim: int | None = None, shape_hint: str = "",
-                 upper: int | None = None) -> Tensor:
-    """Require an integer tensor of rank `ndim` whose values lie in `[0, upper)`."""
+                 upper: int | None = None, values: bool = True) -> Tensor:
+    """Require an integer tensor of rank `ndim` whose values lie in `[0, upper)`
+    (`values=False`: only its dtype and rank are checked)."""
     hint = f" {shape_hint}" if shape_hint else ""
     if (not isinstance(t, Tensor) or t.is_floating_point() or t.is_complex()
             or t.dtype == torch.bool):
         raise ValueError(f"{name} must be an integer tensor{hint}; got {_describe(t)}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions{hint}; got {_describe(t)}")
+    if not values:
+        return t
     if t.numel() and (int(t.min()) < 0 or (upper is not None and int(t.max()) >= upper)):
         bound = f"[0, {upper})" if upper is not None else ">= 0"
         raise ValueError(f"{name} values must lie in {bound}; got values from {int(t.min())} "
@@ -52,33 +57,78 @@ def index_tensor(name: str, t: object, ndim: int | None = None, shape_hint: str 
     return t
 
 
+def _integer(value: object) -> int | None:
+    """`value` as an int if it is an integer scalar (Python, numpy, or a one-element integer
+    tensor), else None; bools of every kind are not integers here."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex() \
+                or value.dtype == torch.bool:
+            return None
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None  # numpy's bool_ is not Integral; numpy's integers are
+    return int(value)
+
+
+def integer(name: str, value: object) -> int:
+    """Require an integer scalar of any sign (see `positive_int`); return it as an int.
+
+    >>> integer("ignore_index", -100)
+    -100
+    """
+    number = _integer(value)
+    if number is None:
+        raise ValueError(f"{name} must be an int; got {_describe(value)}")
+    return number
+
+
 def positive_int(name: str, value: object, minimum: int = 1, maximum: int | None = None) -> int:
-    """Require an int in `[minimum, maximum]` (bools and floats are refused).
+    """Require an integer in `[minimum, maximum]`; return it as a Python int.
+
+    Python ints, numpy integer scalars (`np.int64(2)`) and one-element integer tensors
+    (`torch.tensor(2)`) are integers; bools, floats (even `2.0`) and anything else are not.
 
     >>> positive_int("k", 3, maximum=4)
     3
+    >>> positive_int("k", torch.tensor(2), maximum=4)
+    2
     >>> positive_int("k", 5, maximum=4)
     Traceback (most recent call last):
     ...
     ValueError: k must be an integer with 1 <= k <= 4; got 5
+    >>> positive_int("k", True)
+    Traceback (most recent call last):
+    ...
+    ValueError: k must be an int; got bool True
     """
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    number = _integer(value)
+    if number is None:
         raise ValueError(f"{name} must be an int; got {_describe(value)}")
-    if value < minimum or (maximum is not None and value > maximum):
+    if number < minimum or (maximum is not None and number > maximum):
         upper = f" <= {maximum}" if maximum is not None else ""
-        raise ValueError(f"{name} must be an integer with {minimum} <= {name}{upper}; got {value}")
-    return value
+        raise ValueError(f"{name} must be an integer with {minimum} <= {name}{upper}; "
+                         f"got {number}")
+    return number
 
 
 def positive_float(name: str, value: object) -> float:
-    """Require a real number > 0 (a capacity factor, a noise scale)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Require a finite real number > 0 (a capacity factor, a noise scale); return a float.
+
+    numpy scalars and one-element real tensors count; bools do not.
+
+    >>> positive_float("capacity_factor", torch.tensor(1.25))
+    1.25
+    """
+    number: object = value
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex() \
+            and value.dtype != torch.bool:
+        number = value.item()
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):  # numpy's bool_ isn't
         raise ValueError(f"{name} must be a number > 0; got {_describe(value)}")
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number > 0; got {value}")
-    return float(value)
+    number = float(number)
+    if not number > 0 or number != number or number == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0; got {number}")
+    return number
 
 
 def same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
@@ -105,3 +155,78 @@ def experts_list(name: str, experts: object, allow_empty: bool = False) -> int:
         raise ValueError(f"{name} must be a non-empty sequence of callable experts; got {n} "
                          "items")
     return n
+
+
+def same_dtype(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    """Require two tensors of the same dtype (torch's matmul would say only "mat1 and mat2").
+
+    >>> same_dtype("x", torch.zeros(2, dtype=torch.float64), "w_gate", torch.zeros(2))
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: x must have the dtype of w_gate, torch.float32; got torch.float64 (convert ...)
+    """
+    if a.dtype != b.dtype:
+        raise ValueError(f"{name_a} must have the dtype of {name_b}, {b.dtype}; got {a.dtype} "
+                         "(convert one with .to(...))")
+
+
+def nonempty(name: str, t: Tensor, what: str = "token", shape_hint: str = "") -> None:
+    """Require at least one row (a mean over no tokens would be NaN).
+
+    >>> nonempty("logits", torch.zeros(0, 4), shape_hint="(T, E)")
+    Traceback (most recent call last):
+    ...
+    ValueError: logits must hold at least one token (T, E) with T >= 1; got shape (0, 4)
+    """
+    if t.numel() == 0:
+        hint = f" {shape_hint} with {shape_hint[1]} >= 1" if shape_hint else ""
+        raise ValueError(f"{name} must hold at least one {what}{hint}; got shape "
+                         f"{tuple(t.shape)}")
+
+
+def routable_logits(name: str, logits: Tensor, row_summary: Tensor | None = None) -> None:
+    """Require router logits `(T, E)` whose rows a softmax can turn into weights.
+
+    The rule: NaN and `+inf` are refused; `-inf` is allowed (an expert masked off for that
+    token) as long as the row keeps one finite logit. Otherwise the softmax would give NaN
+    weights silently. `row_summary` is a `(T,)` reduction of the rows that is non-finite
+    exactly when a row breaks the rule (the row max, or the logsumexp a caller already
+    computed); one check per call.
+
+    >>> routable_logits("logits", torch.tensor([[0.0, float("-inf")]]))
+    >>> routable_logits("logits", torch.tensor([[0.0, float("nan")]]))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: logits must be finite (or -inf, ...); got row 0 = [0.0, nan]
+    """
+    if logits.numel() == 0:
+        return
+    summary = logits.amax(dim=-1) if row_summary is None else row_summary  # (T,)
+    if bool(torch.isfinite(summary).all()):
+        return
+    rows = (~torch.isfinite(summary)).nonzero()
+    t = int(rows[0, 0])
+    shown = [round(v, 4) for v in logits[t].detach().float().tolist()[:8]]
+    more = ", ..." if logits.shape[-1] > 8 else ""
+    raise ValueError(f"{name} must be finite (or -inf, masked, with a finite one left in the "
+                     f"row); got row {t} = {str(shown)[:-1]}{more}]")
+
+
+def layer_input(name: str, x: object, d_model: int, dtype: torch.dtype,
+                shape_hint: str = "(..., D)") -> Tensor:
+    """Require a module's input: floating point, last dimension `d_model`, the module's dtype.
+
+    >>> layer_input("x", torch.zeros(2, 5), d_model=3, dtype=torch.float32)
+    Traceback (most recent call last):
+    ...
+    ValueError: x must be (..., D) with D = d_model = 3; got a torch.float32 tensor of shape (2, 5)
+    """
+    t = float_tensor(name, x, shape_hint=shape_hint)
+    if t.dim() == 0 or t.shape[-1] != d_model:
+        raise ValueError(f"{name} must be {shape_hint} with D = d_model = {d_model}; got "
+                         f"{_describe(t)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have the module's dtype {dtype} (its weights'); got "
+                         f"{t.dtype} (convert the input or the module with .to(...))")
+    return t

@@ -10,11 +10,15 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moe_course import (
     Expert,
+    MoEFeedForward,
+    TopKMoE,
     apply_capacity,
     capacity_positions,
     cv_squared,
@@ -45,6 +49,8 @@ from moe_course.validation import (
 )
 
 I64 = torch.int64
+INF, NAN = float("inf"), float("nan")
+Z21 = torch.zeros(2, 1, dtype=I64)  # every token to expert 0
 
 
 def f(*shape: int) -> torch.Tensor:
@@ -204,6 +210,76 @@ BAD: list[tuple[str, Callable[[], Any], str, str, str]] = [
      "floating-point tensor", "torch.int64"),
     ("lm aux item", lambda: moe_lm_loss(f(2, 3, 5), i(2, 3), [0.5]), "aux_losses[0]",
      "aux_loss and z_loss", "float"),
+    # ---- issue 19: a newcomer's bad inputs
+    ("softmax_gate float64 x", lambda: softmax_gate(f(3, 2).double(), f(2, 4)), "x",
+     "dtype of w_gate, torch.float32", "torch.float64"),
+    ("noisy float64 w_noise", lambda: noisy_logits(f(3, 2), f(2, 4), f(2, 4).double()), "x",
+     "dtype of w_noise, torch.float64", "torch.float32"),
+    ("Expert wrong width", lambda: Expert(3, 4)(f(2, 5)), "x", "D = d_model = 3",
+     "shape (2, 5)"),
+    ("Expert float64 x", lambda: Expert(3, 4)(f(2, 3).double()), "x",
+     "module's dtype torch.float32", "torch.float64"),
+    ("sparse expert too narrow", lambda: sparse_moe(f(2, 5), [Expert(3, 4)] * 2, f(2, 1), Z21),
+     "experts[0]", "(n, D) rows of x, a torch.float32 tensor of shape (2, 5)",
+     "ValueError: x must be (..., D) with D = d_model = 3"),
+    ("sparse linear too narrow", lambda: sparse_moe(f(2, 5), [torch.nn.Linear(3, 3)] * 2,
+                                                    f(2, 1), Z21), "experts[0]",
+     "tensor of shape (2, 5)", "RuntimeError: mat1 and mat2 shapes"),
+    ("sparse expert output shape", lambda: sparse_moe(f(2, 3), [lambda x: x[:, :2]] * 2,
+                                                      f(2, 1), Z21), "experts[0]",
+     "(n, D) rows of x, a torch.float32 tensor of shape (2, 3)", "shape (2, 2)"),
+    ("ec moe expert too narrow", lambda: expert_choice_moe(f(3, 5), [Expert(3, 4)] * 2,
+                                                          f(2, 1), i(2, 1)), "experts[0]",
+     "(n, D) rows of x", "shape (1, 5)"),
+    ("MoEFF float64 x", lambda: MoEFeedForward(3, 6, 4)(f(2, 3).double()), "x",
+     "layer's dtype torch.float32", "torch.float64"),
+    ("MoEFF empty batch", lambda: MoEFeedForward(3, 6, 4)(f(0, 3)), "x",
+     "at least one token", "shape (0, 3)"),
+    ("MoEFF empty 3-D batch", lambda: MoEFeedForward(3, 6, 4)(f(2, 0, 3)), "x",
+     "at least one token", "shape (2, 0, 3)"),
+    ("TopKMoE empty batch", lambda: TopKMoE(3, 6, 4)(f(0, 3)), "x", "at least one token",
+     "shape (0, 3)"),
+    ("z-loss no tokens", lambda: router_z_loss(f(0, 4)), "logits",
+     "at least one token (T, E) with T >= 1", "shape (0, 4)"),
+    ("lm no tokens", lambda: moe_lm_loss(f(0, 5), i(0), []), "targets",
+     "at least one target that is not -100", "shape (0,) with none"),
+    ("lm every target ignored", lambda: moe_lm_loss(f(2, 3, 5), torch.full((2, 3), -100), []),
+     "targets", "at least one target that is not -100", "shape (2, 3) with none"),
+    ("lm target -1", lambda: moe_lm_loss(f(2, 3, 5), i(2, 3) - 1, []), "targets",
+     "[0, 5) or be -100 (ignored)", "from -1"),
+    ("lm 0-D logits", lambda: moe_lm_loss(torch.tensor(1.0), i(), []), "logits",
+     "(B, S, V) or (T, V)", "0-dimensional"),
+    ("top_k inf logits", lambda: top_k_gating(torch.tensor([[INF, INF, 2.0]]), 2), "logits",
+     "must be finite (or -inf", "row 0 = [inf, inf, 2.0]"),
+    ("top_k one +inf", lambda: top_k_gating(torch.tensor([[0.0, 1.0], [INF, 2.0]]), 1),
+     "logits", "must be finite", "row 1 = [inf, 2.0]"),
+    ("top_k nan logits", lambda: top_k_gating(torch.tensor([[0.0, 1.0, NAN]]), 1), "logits",
+     "must be finite", "row 0 = [0.0, 1.0, nan]"),
+    ("top_k all -inf row", lambda: top_k_gating(torch.tensor([[-INF, -INF]]), 1), "logits",
+     "finite one left in the row", "row 0 = [-inf, -inf]"),
+    ("ec nan logits", lambda: expert_choice_routing(torch.tensor([[1.0, 0.0], [NAN, 0.0]]), 1),
+     "logits", "must be finite", "row 1 = [nan, 0.0]"),
+    ("ec inf logits", lambda: expert_choice_routing(torch.tensor([[INF, 0.0], [1.0, 0.0]]), 1),
+     "logits", "must be finite", "row 0 = [inf, 0.0]"),
+    ("load negative noise_std", lambda: load_loss(f(3, 4), f(3, 4), -f(3, 4) - 0.5, 1),
+     "noise_std", "finite and > 0", "e.g. -"),
+    ("load zero noise_std", lambda: load_loss(f(3, 4), f(3, 4), torch.zeros(3, 4), 1),
+     "noise_std", "finite and > 0", "e.g. 0.0"),
+    ("load nan noise_std", lambda: load_loss(f(3, 4), f(3, 4), torch.full((3, 4), NAN), 1),
+     "noise_std", "finite and > 0", "e.g. nan"),
+    ("load noise_std (1, E)", lambda: load_loss(f(3, 4), f(3, 4), f(1, 4), 1), "clean_logits",
+     "same shape", "(3, 4) and (1, 4)"),
+    ("load noise_std (E,)", lambda: load_loss(f(3, 4), f(3, 4), f(4), 1), "noise_std",
+     "2 dimensions (T, E)", "shape (4,)"),
+    ("load noise_std (E, T)", lambda: load_loss(f(3, 4), f(3, 4), f(4, 3), 1), "clean_logits",
+     "same shape", "(3, 4) and (4, 3)"),
+    ("top_k numpy bool k", lambda: top_k_gating(f(3, 4), np.True_), "k", "an int", "bool"),
+    ("top_k torch bool k", lambda: top_k_gating(f(3, 4), torch.tensor(True)), "k", "an int",
+     "torch.bool"),
+    ("top_k numpy float k", lambda: top_k_gating(f(3, 4), np.float64(2.0)), "k", "an int",
+     "float64"),
+    ("top_k numpy k > E", lambda: top_k_gating(f(3, 4), np.int64(5)), "k", "1 <= k <= 4",
+     "5"),
 ]
 
 
@@ -276,3 +352,94 @@ def test_same_shape_and_experts_list() -> None:
     assert experts_list("experts", torch.nn.ModuleList([Expert(2, 2)] * 3)) == 3
     with pytest.raises(ValueError, match=r"^experts must be a non-empty sequence of callable"):
         experts_list("experts", [ident, "not callable"])
+
+
+# ------------------------------------------------- issue 19: what is accepted, and the rules
+
+
+@pytest.mark.parametrize("make", [int, np.int64, np.int32, np.uint8, torch.tensor,
+                                  lambda v: torch.tensor([v], dtype=torch.int32)],
+                         ids=["int", "np.int64", "np.int32", "np.uint8", "torch 0-d",
+                              "torch int32 (1,)"])
+def test_integer_scalars_of_numpy_and_torch_are_ints(make: Callable[[int], Any]) -> None:
+    """Wherever an int is taken, numpy and torch integer scalars give the same result."""
+    logits = f(6, 4)
+    assert torch.equal(top_k_gating(logits, make(2)).indices, top_k_gating(logits, 2).indices)
+    assert expert_capacity(make(8), make(4), 1.25, k=make(2)) == expert_capacity(8, 4, 1.25, 2)
+    assert expert_choice_capacity(make(8), make(4), make(2)) == expert_choice_capacity(8, 4, 2)
+    assert moe_flops(make(4), make(2), make(3), make(4), make(2)) == moe_flops(4, 2, 3, 4, 2)
+    idx = i(6, 2, high=4)
+    assert torch.equal(capacity_positions(idx, make(4)), capacity_positions(idx, 4))
+    assert torch.equal(apply_capacity(logits[:, :2], idx, make(1)).keep,
+                       apply_capacity(logits[:, :2], idx, 1).keep)
+    assert torch.equal(experts_per_token(idx, make(6)), experts_per_token(idx, 6))
+    assert load_loss(logits, logits, f(6, 4) + 0.1, make(2)).isfinite()
+    torch.manual_seed(0)
+    assert Expert(make(3), make(5))(f(2, 3)).shape == (2, 3)
+    assert MoEFeedForward(make(3), make(5), make(4), k=make(2))(f(2, 3)).y.shape == (2, 3)
+    assert TopKMoE(make(3), make(5), make(4), k=make(2))(f(2, 3)).y.shape == (2, 3)
+
+
+def test_minus_inf_masks_an_expert_and_gets_weight_zero() -> None:
+    """The documented rule: -inf is a mask (never picked first, weight 0), not an error."""
+    logits = torch.tensor([[-INF, 1.0, 2.0], [0.0, -INF, -INF]])
+    weights, indices = top_k_gating(logits, 2)
+    assert torch.isfinite(weights).all()
+    assert indices[0].tolist() == [2, 1] and indices[1, 0] == 0
+    assert weights[1].tolist() == [1.0, 0.0]
+    gates, token_idx = expert_choice_routing(logits, 1)
+    assert torch.isfinite(gates).all() and token_idx.flatten().tolist() == [1, 0, 0]
+
+
+@pytest.mark.parametrize("dispatch", ["auto", "blocked", "grouped", "padded", "loop"])
+def test_layers_refuse_nan_router_logits_naming_x_and_w_g(dispatch: str) -> None:
+    """NaN in x (or in the router's weights) never becomes silent NaN weights."""
+    torch.manual_seed(0)
+    x = f(4, 3)
+    x[2, 1] = NAN
+    layer = TopKMoE(3, 6, 4, dispatch="auto" if dispatch == "loop" else dispatch)
+    run = layer.loop_forward if dispatch == "loop" else layer
+    with pytest.raises(ValueError, match=r"^the router logits x @ W_g must be finite.*got row 2"):
+        run(x)
+    layer(f(4, 3))  # finite input: no error, the check costs one reduction
+    with torch.no_grad():
+        layer.gate.weight[1, 0] = INF
+    with pytest.raises(ValueError, match=r"^the router logits x @ W_g must be finite"):
+        run(f(4, 3))
+
+
+@pytest.mark.parametrize("router", ["top_k", "expert_choice"])
+def test_moe_feed_forward_refuses_nan_router_logits(router: str) -> None:
+    x = f(2, 4, 3)
+    x[1, 3, 0] = NAN
+    with pytest.raises(ValueError, match=r"^the router logits x @ W_g must be finite.*got row 7"):
+        MoEFeedForward(3, 6, 4, router=router)(x)
+
+
+def test_expert_choice_moe_layer_refuses_nan_and_empty_batches() -> None:
+    from moe_course import ExpertChoiceMoE
+
+    layer = ExpertChoiceMoE(3, 6, 4)
+    x = f(5, 3)
+    x[0, 0] = NAN
+    with pytest.raises(ValueError, match=r"^the router logits x @ W_g must be finite"):
+        layer(x)
+    with pytest.raises(ValueError, match=r"^x must hold at least one token"):
+        layer(f(0, 3))
+
+
+def test_moe_lm_loss_ignores_minus_100_exactly_as_cross_entropy() -> None:
+    logits, targets = f(2, 5, 7) * 3, i(2, 5, high=7)
+    targets[0, 1] = targets[1, 4] = -100
+    want = F.cross_entropy(logits.reshape(-1, 7), targets.reshape(-1))  # ignore_index=-100
+    kept = targets != -100
+    assert torch.allclose(moe_lm_loss(logits, targets, []), want)
+    assert torch.allclose(want, F.cross_entropy(logits[kept], targets[kept]))
+    logits.requires_grad_(True)
+    moe_lm_loss(logits, targets, []).backward()
+    assert (logits.grad[0, 1] == 0).all() and (logits.grad[1, 4] == 0).all()
+
+
+def test_a_tiny_positive_noise_std_gives_a_finite_load_loss() -> None:
+    c = f(5, 4)
+    assert torch.isfinite(load_loss(c, c + 0.1, torch.full((5, 4), 1e-6), 2))
