@@ -39,6 +39,14 @@ def assignments(root: Path) -> list[str]:
                   if p.is_dir() and ASSIGNMENT.match(p.name))
 
 
+def notebook_files(folder: Path) -> list[Path]:
+    """The notebooks under `folder`, sorted, without those in hidden folders: JupyterLab
+    writes `.ipynb_checkpoints/<name>-checkpoint.ipynb` the moment a notebook is saved, and
+    such a copy is neither part of the course nor a submission."""
+    return sorted(p for p in folder.rglob("*.ipynb") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def _env(tmp: str) -> dict[str, str]:
     # nbgrader runs `alembic` from PATH: put this interpreter's scripts folder first, and
     # keep a learner's or instructor's own Jupyter configuration out of the release.
@@ -87,8 +95,8 @@ def _committed(root: Path) -> set[Path]:
                             capture_output=True, text=True)
     if listed.returncode == 0:
         return {Path(p).relative_to("notebooks") for p in listed.stdout.split("\0") if p}
-    return {p.relative_to(folder) for p in folder.rglob("*")
-            if p.is_file() and ".ipynb_checkpoints" not in p.parts}
+    return {p.relative_to(folder) for p in folder.rglob("*") if p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
 
 
 def release_differences(root: Path | None = None) -> list[str]:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +22,19 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
+from nbgrader_course import (  # noqa: F401 (re-exported to test_grader_adversarial.py)
+    ASSIGNMENTS,
+    ROOT,
+    STUDENTS,
+    Course,
+    answer_ids,
+    expected_points,
+    jupyter_env,
+    notebook_path,
+    solution_sources,
+    submission,
+)
+from nbgrader_course import new_course as nbgrader_course  # noqa: F401
 
 from moe_course.grading import EXERCISES, exercises_for, judge_probe
 from moe_course.grading.grade import (
@@ -46,46 +57,11 @@ from moe_course.grading.sandbox import (
     plan,
     run_sandboxed,
 )
-from moe_course.release import assignments
 
-ROOT = Path(__file__).resolve().parent.parent
 NB01 = "01_experts_and_gating"
-GRADED = [a for a in assignments(ROOT) if a in {ex.assignment for ex in EXERCISES.values()}
-          and (ROOT / "notebooks" / a).is_dir()]
 
 
 # -- helpers shared with test_grader_adversarial.py -----------------------------------------
-
-def notebook_path(folder: str, assignment: str) -> Path:
-    (path,) = sorted((ROOT / folder / assignment).glob("*.ipynb"))
-    return path
-
-
-def answer_ids(assignment: str) -> list[str]:
-    return [ex.grade_id for ex in exercises_for(assignment) if ex.kind != "written"]
-
-
-def solution_sources(assignment: str) -> dict[str, str]:
-    nb = nbformat.read(notebook_path("solutions", assignment), as_version=4)
-    return {c.metadata["nbgrader"]["grade_id"]: c.source for c in nb.cells
-            if "nbgrader" in c.metadata}
-
-
-def submission(assignment: str, solved: set[str] | None = None,
-               edits: dict[str, str] | None = None) -> nbformat.NotebookNode:
-    """The release notebook with the solution in the answer cells `solved` (all by default)
-    and then the answer cells in `edits` replaced by the given source."""
-    nb = nbformat.read(notebook_path("notebooks", assignment), as_version=4)
-    sources = solution_sources(assignment)
-    solved = set(sources) if solved is None else solved
-    for cell in nb.cells:
-        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if gid in (edits or {}):
-            cell.source = edits[gid]
-        elif gid in solved and cell.metadata["nbgrader"].get("solution"):
-            cell.source = sources[gid]
-    return nb
-
 
 def write_submission(root: Path, student: str, assignment: str,
                      nb: nbformat.NotebookNode) -> Path:
@@ -119,51 +95,14 @@ def read_grades(out: Path) -> dict[tuple[str, str, str], tuple[float, float]]:
     return grades
 
 
-def jupyter_env(tmp: Path) -> dict[str, str]:
-    """A private Jupyter/IPython/matplotlib configuration, and this venv's scripts on PATH."""
-    env = dict(os.environ)
-    for key in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR",
-                "MPLCONFIGDIR"):
-        env[key] = str(tmp / key.lower())
-        Path(env[key]).mkdir(parents=True, exist_ok=True)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["MPLBACKEND"] = "Agg"
-    env.pop("NBGRADER_EXECUTION", None)
-    env.pop("MOE_COURSE_GRADING", None)
-    return env
-
-
-def nbgrader_course(tmp: Path, names: list[str], timeout: int = 300) -> tuple[Path, dict]:
-    """A temporary nbgrader course with `names` generated; (root, environment)."""
-    root = tmp / "course"
-    (root / "source").mkdir(parents=True)
-    for name in names:
-        shutil.copytree(ROOT / "solutions" / name, root / "source" / name,
-                        ignore=shutil.ignore_patterns("*.py"))
-    config = (ROOT / "nbgrader_config.py").read_text()
-    config = config.replace('"solutions"', '"source"').replace('"notebooks"', '"release"')
-    config = config.replace("c.Execute.timeout = 300", f"c.Execute.timeout = {timeout}")
-    (root / "nbgrader_config.py").write_text(config)
-    env = jupyter_env(tmp / "jupyter")
-    for name in names:
-        done = subprocess.run([sys.executable, "-m", "nbgrader", "generate_assignment", name,
-                               "--force"], cwd=root, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-    return root, env
-
-
 def nbgrader_scores(root: Path, assignment: str, student: str) -> dict[str, float] | None:
     """nbgrader's points per exercise of one autograded submission (None: not autograded)."""
-    from nbgrader.api import Gradebook, MissingEntry
+    from nbgrader.api import MissingEntry
 
-    notebook = notebook_path("notebooks", assignment).stem
-    with Gradebook(f"sqlite:///{root / 'gradebook.db'}") as gb:
-        try:
-            gb.find_submission_notebook(notebook, assignment, student)
-        except MissingEntry:
-            return None
-        return {gid: gb.find_grade(f"{gid}_tests", notebook, assignment, student).score
-                for gid in answer_ids(assignment)}
+    try:
+        return Course(root, root / "grades.csv", {}, 0.0).scores(assignment, student)
+    except MissingEntry:
+        return None
 
 
 # -- where probes run -----------------------------------------------------------------------
@@ -448,43 +387,23 @@ def test_workers_are_spawned_afresh_without_a_zygote(monkeypatch: pytest.MonkeyP
             judge_probe(exercise, probe, probe_inputs(exercise, probe), plain(outcome.outputs))
 
 
-def _honest(assignment: str) -> dict[str, nbformat.NotebookNode]:
-    """Honest submissions: correct, blank, partly right, and crashing (the first answer cell
-    raises after its definitions, the second answer raises when called)."""
-    ids, sources = answer_ids(assignment), solution_sources(assignment)
-    first, second = ids[0], ids[1]
-    symbol = EXERCISES[second].symbol
-    crash = {first: sources[first] + "\nraise RuntimeError('a typo after the definitions')\n",
-             second: (f"class {symbol}:\n    def __init__(self, *args, **kwargs):\n"
-                      f"        raise ZeroDivisionError('oops')\n"
-                      if EXERCISES[second].kind == "class" else
-                      f"def {symbol}(*args, **kwargs):\n    return 1 / 0\n")}
-    return {"correct": submission(assignment), "blank": submission(assignment, solved=set()),
-            "partly": submission(assignment, solved={first}),
-            "crashing": submission(assignment, edits=crash)}
-
-
 @pytest.mark.slow
-def test_honest_submissions_get_the_same_points_as_nbgrader(tmp_path: Path) -> None:
-    """For every graded assignment in solutions/, correct, blank, partly right and crashing
-    submissions get the same points per exercise from both graders."""
-    root, env = nbgrader_course(tmp_path, GRADED)
-    for assignment in GRADED:
-        for student, nb in _honest(assignment).items():
-            write_submission(root / "submitted", student, assignment, nb)
-    for assignment in GRADED:
-        done = subprocess.run([sys.executable, "-m", "nbgrader", "autograde", assignment,
-                               "--force"], cwd=root, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-    status, seconds, log = run_grade([root / "submitted"], tmp_path / "out", "--jobs", "2")
+@pytest.mark.xdist_group("nbgrader_course")
+def test_honest_submissions_get_the_same_points_as_nbgrader(autograded_course: Course,
+                                                             tmp_path: Path) -> None:
+    """For every assignment in solutions/, the correct, blank, and partly right and crashing
+    submissions (`tests/nbgrader_course.py`) get the same points per exercise from both
+    graders: ours grades the session's nbgrader course's `submitted/` tree, which nbgrader
+    autograded once."""
+    course = autograded_course
+    status, seconds, log = run_grade([course.root / "submitted"], tmp_path / "out",
+                                     "--jobs", "2")
     assert status == 0, log
     ours = read_grades(tmp_path / "out")
-    for assignment in GRADED:
-        points = {ex.grade_id: float(ex.points) for ex in exercises_for(assignment)}
-        for student in ("correct", "blank", "partly", "crashing"):
-            theirs = nbgrader_scores(root, assignment, student)
+    assert {(s, a) for s, a, _ in ours} == {(s, a) for s in STUDENTS for a in ASSIGNMENTS}
+    for assignment in ASSIGNMENTS:
+        for student in STUDENTS:
+            theirs = course.scores(assignment, student)
             mine = {gid: ours[(student, assignment, gid)][0] for gid in answer_ids(assignment)}
             assert mine == theirs, (assignment, student, mine, theirs)
-        assert {gid: ours[("correct", assignment, gid)][0] for gid in answer_ids(assignment)} \
-            == {gid: points[gid] for gid in answer_ids(assignment)}
-        assert sum(ours[("blank", assignment, gid)][0] for gid in answer_ids(assignment)) == 0
+            assert mine == expected_points(assignment, student), (assignment, student, mine)

@@ -7,11 +7,9 @@ suite, never skipped). The nbgrader course is built once per session in a tempor
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from moe_course.release import assignments, release_differences
+from moe_course.release import _committed, assignments, notebook_files
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSIGNMENTS = assignments(ROOT)
@@ -75,9 +73,54 @@ def test_jupytext_twin_in_sync(assignment: str) -> None:
         f"{ipynb.name} and {twin.name} differ: run `jupytext --sync {twin}`")
 
 
+# -- a learner's saved notebook: JupyterLab's checkpoints ---------------------------------------
+
+@pytest.fixture
+def saved_checkpoints():
+    """What JupyterLab leaves the moment a learner (or an instructor, in solutions/) saves:
+    `<folder>/<assignment>/.ipynb_checkpoints/<name>-checkpoint.ipynb`, a copy with outputs.
+    Planted in the real tree for the test (git ignores them) and removed afterwards."""
+    planted = []
+    for folder in ("solutions", "notebooks"):
+        source = _notebook(folder, ASSIGNMENTS[0])
+        nb = nbformat.read(source, as_version=4)
+        code = next(c for c in nb.cells if c.cell_type == "code")
+        code.outputs = [nbformat.v4.new_output("stream", name="stdout", text="saved\n")]
+        code.execution_count = 1
+        name = f"{source.stem}-{os.getpid()}-checkpoint.ipynb"  # one per xdist worker
+        path = source.parent / ".ipynb_checkpoints" / name
+        path.parent.mkdir(exist_ok=True)
+        nbformat.write(nb, path)
+        planted.append(path)
+    yield planted
+    for path in planted:
+        path.unlink(missing_ok=True)
+        try:
+            path.parent.rmdir()  # only if nothing else (another worker's, a learner's) is there
+        except OSError:
+            pass
+
+
+def test_notebook_listings_skip_checkpoints(saved_checkpoints: list[Path], tmp_path: Path) -> None:
+    """`notebook_files` (the tests' walk) and the release's file list outside git skip them."""
+    for path in saved_checkpoints:
+        folder = path.parents[2]  # ROOT/solutions, ROOT/notebooks
+        assert path.is_file() and path not in notebook_files(folder)
+        assert _notebook(folder.name, ASSIGNMENTS[0]) in notebook_files(folder)
+    course = tmp_path / "copy"  # not a git checkout: the listing falls back to the folder
+    shutil.copytree(ROOT / "notebooks", course / "notebooks")
+    listed = _committed(course)
+    assert listed and not any(".ipynb_checkpoints" in p.parts for p in listed)
+    assert Path(ASSIGNMENTS[0]) / ".ipynb_checkpoints" / saved_checkpoints[1].name not in listed
+    assert any(p.name == saved_checkpoints[1].name for p in (course / "notebooks").rglob("*"))
+
+
 @pytest.mark.parametrize("folder", ["solutions", "notebooks"])
-def test_committed_notebooks_have_no_outputs(folder: str) -> None:
-    paths = sorted((ROOT / folder).rglob("*.ipynb"))
+def test_committed_notebooks_have_no_outputs(folder: str, saved_checkpoints: list[Path]
+                                             ) -> None:
+    """Every notebook of the course is committed without outputs, also when a learner has
+    saved one (its checkpoint, with outputs, is not the course's)."""
+    paths = notebook_files(ROOT / folder)
     assert paths
     for path in paths:
         nb = nbformat.read(path, as_version=4)
@@ -126,115 +169,56 @@ def test_solution_runs_top_to_bottom_and_validates(
     assert result == {}, result
 
 
-def test_release_is_regenerated_from_solutions() -> None:
-    """notebooks/ is byte for byte what `moe-course release` makes of solutions/."""
-    assert release_differences(ROOT) == []
+def test_release_is_regenerated_from_solutions(saved_checkpoints: list[Path],
+                                               capsys: pytest.CaptureFixture) -> None:
+    """notebooks/ is byte for byte what `moe-course release` makes of solutions/, and
+    `moe-course release --check` says so, also with a learner's saved checkpoint present."""
+    from moe_course.cli import main
+
+    assert main(["release", "--check"]) == 0, capsys.readouterr().out
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "notebooks/ is up to date"
 
 
 # -- nbgrader round trip ------------------------------------------------------------------------
 
-def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}\n{done.stderr}"
-    return done
+def _test_points(assignment: str) -> dict[str, float]:
+    """Points of each autograded tests cell, read from the source notebook's nbgrader
+    metadata (not from the course's registry, so the two are checked against each other)."""
+    nb = nbformat.read(_notebook("solutions", assignment), as_version=4)
+    return {c.metadata["nbgrader"]["grade_id"]: float(c.metadata["nbgrader"]["points"])
+            for c in nb.cells
+            if c.metadata.get("nbgrader", {}).get("grade") and c.cell_type == "code"}
 
 
-def _answer_ids(nb: nbformat.NotebookNode) -> list[str]:
-    return [c.metadata["nbgrader"]["grade_id"] for c in nb.cells
-            if c.metadata.get("nbgrader", {}).get("solution") and c.cell_type == "code"]
-
-
-def _fill(release_nb: Path, source_nb: Path, grade_ids: set[str]) -> nbformat.NotebookNode:
-    """The release notebook with the solution pasted into the answer cells `grade_ids`."""
-    nb = nbformat.read(release_nb, as_version=4)
-    solution = {c.metadata["nbgrader"]["grade_id"]: c.source
-                for c in nbformat.read(source_nb, as_version=4).cells
-                if "nbgrader" in c.metadata}
-    for cell in nb.cells:
-        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if gid in grade_ids:
-            cell.source = solution[gid]
-    return nb
-
-
-def _build_course(tmp: Path) -> dict:
-    """A temporary nbgrader course: generate, submit three students, autograde, feedback,
-    export. Students: `solution` (the source notebook), `blank` (the release untouched) and
-    `partly` (the first answer of each notebook filled in, the rest left as stubs)."""
-    root = tmp / "course"
-    root.mkdir()
-    shutil.copy(ROOT / "nbgrader_config.py", root)
-    shutil.copytree(ROOT / "solutions", root / "source", ignore=shutil.ignore_patterns("*.py"))
-    (root / "nbgrader_config.py").write_text(
-        (root / "nbgrader_config.py").read_text().replace('"solutions"', '"source"')
-        .replace('"notebooks"', '"release"'))
-    env = _jupyter_env(tmp)
-    nbgrader = [sys.executable, "-m", "nbgrader"]
-    expected: dict[tuple[str, str, str], float] = {}
-    for assignment in ASSIGNMENTS:
-        _run(nbgrader + ["generate_assignment", assignment, "--force"], root, env)
-        source_nb = _notebook("solutions", assignment)
-        release_nb = root / "release" / assignment / source_nb.name
-        points = {c.metadata["nbgrader"]["grade_id"]: c.metadata["nbgrader"]["points"]
-                  for c in nbformat.read(source_nb, as_version=4).cells
-                  if c.metadata.get("nbgrader", {}).get("grade") and c.cell_type == "code"}
-        first = _answer_ids(nbformat.read(source_nb, as_version=4))[0]
-        students = {
-            "solution": nbformat.read(source_nb, as_version=4),
-            "blank": nbformat.read(release_nb, as_version=4),
-            "partly": _fill(release_nb, source_nb, {first}),
-        }
-        for student, nb in students.items():
-            folder = root / "submitted" / student / assignment
-            folder.mkdir(parents=True)
-            nbformat.write(nb, folder / source_nb.name)
-            for test_id, pts in points.items():
-                right = student == "solution" or (student == "partly"
-                                                   and test_id == f"{first}_tests")
-                expected[(student, assignment, test_id)] = float(pts) if right else 0.0
-    for assignment in ASSIGNMENTS:
-        _run(nbgrader + ["db", "student", "add", "solution"], root, env)
-        _run(nbgrader + ["db", "student", "add", "blank"], root, env)
-        _run(nbgrader + ["db", "student", "add", "partly"], root, env)
-        _run(nbgrader + ["autograde", assignment, "--force"], root, env)
-        _run(nbgrader + ["generate_feedback", assignment, "--force"], root, env)
-    _run(nbgrader + ["export", "--to", str(tmp / "grades.csv")], root, env)
-    return {"root": root, "expected": expected, "csv": tmp / "grades.csv"}
-
-
-def _check_each_exercise_gets_exactly_its_points(course: dict) -> None:
+@pytest.mark.xdist_group("nbgrader_course")
+def test_nbgrader_round_trip(autograded_course) -> None:
+    """The session's nbgrader course (`tests/nbgrader_course.py`: generate, submit, autograde,
+    feedback, export): every exercise gets exactly its points (correct: all; blank release:
+    0; partly right and crashing: exactly its right part), feedback shows no hidden-test
+    source, and the export has the totals."""
     from nbgrader.api import Gradebook
+    from nbgrader_course import STUDENTS, expected_points
 
-    with Gradebook(f"sqlite:///{course['root'] / 'gradebook.db'}") as gb:
-        for (student, assignment, test_id), points in course["expected"].items():
+    course = autograded_course
+    print(f"nbgrader course built in {course.seconds:.0f} s")
+    totals: dict[tuple[str, str], float] = {}
+    with Gradebook(f"sqlite:///{course.root / 'gradebook.db'}") as gb:
+        for assignment in ASSIGNMENTS:
             notebook = _notebook("solutions", assignment).stem
-            grade = gb.find_grade(test_id, notebook, assignment, student)
-            assert grade.score == points, (student, assignment, test_id, grade.score, points)
-
-
-def _check_feedback_holds_no_hidden_test_source(course: dict) -> None:
-    pages = sorted((course["root"] / "feedback").rglob("*.html"))
-    assert len(pages) == 3 * len(ASSIGNMENTS)
+            points = _test_points(assignment)
+            for student in STUDENTS:
+                want = {f"{gid}_tests": pts
+                        for gid, pts in expected_points(assignment, student).items()}
+                assert set(want) == set(points), (assignment, sorted(want), sorted(points))
+                assert all(want[t] in (0.0, points[t]) for t in want), (assignment, want, points)
+                got = {t: gb.find_grade(t, notebook, assignment, student).score for t in points}
+                assert got == want, (student, assignment, got, want)
+                totals[(student, assignment)] = sum(want.values())
+            assert sum(expected_points(assignment, "correct").values()) == sum(points.values())
+    pages = sorted((course.root / "feedback").rglob("*.html"))
+    assert len(pages) == len(STUDENTS) * len(ASSIGNMENTS)
     for page in pages:
         text = page.read_text()
         assert "hidden=True" not in text and "BEGIN HIDDEN TESTS" not in text, page
-
-
-def _check_export_csv_has_expected_totals(course: dict) -> None:
-    totals: dict[tuple[str, str], float] = {}
-    for (student, assignment, _), points in course["expected"].items():
-        totals[(student, assignment)] = totals.get((student, assignment), 0.0) + points
-    with open(course["csv"]) as f:
-        rows = list(csv.DictReader(f))
-    got = {(r["student_id"], r["assignment"]): float(r["raw_score"]) for r in rows}
+    got = course.export()
     assert got == totals, json.dumps({str(k): v for k, v in got.items()})
-
-
-def test_nbgrader_round_trip(tmp_path: Path) -> None:
-    """One temporary course, built once (one test, so pytest-xdist cannot build it twice):
-    autograde gives every exercise exactly its points (solution: all; release: 0; partly
-    right: exactly its part), feedback shows no hidden-test source, export has the totals."""
-    course = _build_course(tmp_path)
-    _check_each_exercise_gets_exactly_its_points(course)
-    _check_feedback_holds_no_hidden_test_source(course)
-    _check_export_csv_has_expected_totals(course)
