@@ -55,9 +55,14 @@ def _env(tmp: str) -> dict[str, str]:
             "JUPYTER_CONFIG_DIR": tmp}
 
 
+# Every assignment in one nbgrader process (its converters take a glob for the assignment
+# id): one start-up of nbgrader instead of one per assignment, the same files.
+ALL = "[0-9][0-9]_*"
+
+
 def _generate(root: Path, release_dir: Path, names: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
+        for name in [ALL] if len(names) > 1 else names:
             cmd = [sys.executable, "-m", "nbgrader", "generate_assignment", name, "--force",
                    f"--CourseDirectory.root={root}",
                    f"--CourseDirectory.release_directory={release_dir}",
@@ -67,7 +72,12 @@ def _generate(root: Path, release_dir: Path, names: list[str]) -> None:
             if done.returncode != 0:
                 raise RuntimeError(f"nbgrader generate_assignment {name} failed:\n"
                                    f"{done.stdout}{done.stderr}")
-    for path in sorted(release_dir.rglob("*.ipynb")):
+    for extra in sorted(p for p in release_dir.iterdir() if p.name not in names):
+        shutil.rmtree(extra)  # the glob's folders that are not the assignments asked for
+    missing = [name for name in names if not (release_dir / name).is_dir()]
+    if missing:
+        raise RuntimeError(f"nbgrader generate_assignment made no release of {missing}")
+    for path in notebook_files(release_dir):
         nb = nbformat.read(path, as_version=4)
         nb.metadata.pop("jupytext", None)
         nbformat.write(nb, path)

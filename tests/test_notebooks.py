@@ -102,7 +102,13 @@ def saved_checkpoints():
 
 
 def test_notebook_listings_skip_checkpoints(saved_checkpoints: list[Path], tmp_path: Path) -> None:
-    """`notebook_files` (the tests' walk) and the release's file list outside git skip them."""
+    """`notebook_files` (the tests' walk), the release's file list outside git, and
+    `moe-course grade`'s search for submissions skip them."""
+    from moe_course.grading.grade import find_submissions
+
+    found = find_submissions([ROOT / "notebooks"])
+    assert sorted(s.assignment for s in found) == ASSIGNMENTS, found
+    assert not any(".ipynb_checkpoints" in s.path.parts for s in found)
     for path in saved_checkpoints:
         folder = path.parents[2]  # ROOT/solutions, ROOT/notebooks
         assert path.is_file() and path not in notebook_files(folder)
