@@ -11,7 +11,9 @@ Students (every assignment of `solutions/`, so a new notebook is covered by itse
 - `correct`: the release notebook with the solution pasted into every answer cell;
 - `blank`: the release notebook, untouched (every answer a stub);
 - `partly`: partly right and crashing: the first answer right, the second right but its cell
-  raises after the definitions, the third raises when called, the rest left as stubs.
+  raises after the definitions, the third raises when called, the rest left as stubs. A
+  notebook with fewer than three answers gets its first right but raising after the
+  definitions and the rest as stubs, so that it is partly right and crashing too.
 
 Three students cover the four paths (solution, blank release, partly right, crashing); a
 fourth would execute every notebook once more for no path that these do not take.
@@ -77,27 +79,32 @@ def submission(assignment: str, solved: set[str] | None = None,
     return nb
 
 
+def _right(ids: list[str]) -> list[str]:
+    """The answers `partly` gets right (see the module's docstring)."""
+    return ids[:2] if len(ids) >= 3 else ids[:1]
+
+
 def honest(assignment: str) -> dict[str, nbformat.NotebookNode]:
     """The three honest submissions of `assignment` (see the module's docstring)."""
     ids, sources = answer_ids(assignment), solution_sources(assignment)
-    edits = {}
-    if len(ids) > 1:
-        edits[ids[1]] = sources[ids[1]] + "\nraise RuntimeError('a typo after the definitions')\n"
-    if len(ids) > 2:
+    right = _right(ids)
+    raising = right[-1]  # right, but its cell raises after the definitions
+    edits = {raising: sources[raising] + "\nraise RuntimeError('a typo after the definitions')\n"}
+    if len(ids) >= 3:
         ex = EXERCISES[ids[2]]
         edits[ids[2]] = (f"class {ex.symbol}:\n    def __init__(self, *args, **kwargs):\n"
                          f"        raise ZeroDivisionError('oops')\n" if ex.kind == "class" else
                          f"def {ex.symbol}(*args, **kwargs):\n    return 1 / 0\n")
     return {"correct": submission(assignment),
             "blank": submission(assignment, solved=set()),
-            "partly": submission(assignment, solved={ids[0]}, edits=edits)}
+            "partly": submission(assignment, solved=set(right), edits=edits)}
 
 
 def expected_points(assignment: str, student: str) -> dict[str, float]:
-    """The points each answer must get: all for `correct`, none for `blank`; for `partly` the
-    first two answers (right, even though the second cell raises after its definitions)."""
+    """The points each answer must get: all for `correct`, none for `blank`, and for
+    `partly` those of the answers it has right (even the one whose cell then raises)."""
     ids = answer_ids(assignment)
-    right = {"correct": set(ids), "blank": set(), "partly": set(ids[:2])}[student]
+    right = {"correct": set(ids), "blank": set(), "partly": set(_right(ids))}[student]
     return {gid: float(EXERCISES[gid].points) if gid in right else 0.0 for gid in ids}
 
 
