@@ -105,7 +105,7 @@ class MoEFeedForward(nn.Module):
         positive_int("d_hidden", d_hidden)
         self.n_experts = positive_int("n_experts", n_experts)
         self.k = positive_int("k", k, maximum=n_experts)
-        row = routers.router(router)
+        row = routers.router_row(router)
         if capacity_factor is not None:
             positive_float("capacity_factor", capacity_factor)
         self.router = router
@@ -125,7 +125,7 @@ class MoEFeedForward(nn.Module):
         if self.w_noise is not None and self.training:
             noise = torch.randn_like(logits)  # (T, E)
             logits = noisy_logits(flat, self.gate.weight.t(), self.w_noise.weight.t(), noise)
-        routing = routers.router(self.router)(logits, self.k, self.capacity_factor).routing
+        routing = routers.router_row(self.router)(logits, self.k, self.capacity_factor).routing
         return moe_from_routing(x, flat, self.experts, logits, routing)
 
 

@@ -131,7 +131,7 @@ ROUTERS: dict[str, Router] = {
 }
 
 
-def router(name: object) -> Router:
+def router_row(name: object) -> Router:
     """The row of `ROUTERS` named `name`; ValueError naming the routers otherwise."""
     if not isinstance(name, str) or name not in ROUTERS:
         raise ValueError(f"router must be one of {tuple(ROUTERS)}; got {name!r}")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from moe_course.capacity import apply_capacity, capacity_positions, expert_capacity
+from moe_course.capacity import apply_capacity, expert_capacity
 from moe_course.expert_choice import ExpertChoice
 from moe_course.experts import Expert, ExpertBank, SwiGLUExpert, grouped_linear
 from moe_course.gating import top_k_gating
@@ -226,18 +226,6 @@ def test_losses_and_load_match_the_reference_functions():
                                                out.routing.indices))
     assert_close(out.z_loss, router_z_loss(out.logits))
     assert float(out.expert_load.sum()) == 20.0
-
-
-def test_group_by_expert_matches_capacity_positions():
-    gen = torch.Generator().manual_seed(9)
-    indices = torch.randint(0, 5, (40, 3), generator=gen)
-    plan = group_by_expert(indices, 5, capacity=6)
-    assert torch.equal(plan.positions, capacity_positions(indices, 5))
-    assert torch.equal(plan.keep, plan.positions < 6)
-    assert torch.equal(plan.routed, torch.bincount(indices.reshape(-1), minlength=5))
-    expert_of = indices.reshape(-1)[plan.order]  # (M,)
-    assert bool((expert_of[1:] >= expert_of[:-1]).all())  # grouped by expert
-    assert_close(plan.counts, torch.bincount(expert_of, minlength=5))
 
 
 @pytest.mark.parametrize("noisy", [False, True])
