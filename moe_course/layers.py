@@ -203,6 +203,44 @@ def combine(rows: Tensor, row_token: Tensor, row_weight: Tensor, n_tokens: int) 
     return _Combine.apply(rows, row_token.long(), row_weight, n)
 
 
+def _noise_sample(noise: Tensor | None, flat: Tensor, n_experts: int, noisy: bool,
+                  active: bool, training: bool) -> Tensor | None:
+    """The `(T, E)` standard-normal noise of eq. 4 when `active` (drawn if not given)."""
+    if not active:
+        if noise is not None:
+            raise ValueError("noise is only used by a noisy layer in training mode; got a "
+                             f"noise tensor for a layer with noisy={noisy}, training={training}")
+        return None
+    if noise is None:
+        return torch.randn(flat.shape[0], n_experts, dtype=flat.dtype,
+                           device=flat.device)  # (T, E)
+    float_tensor("noise", noise, ndim=2, shape_hint="(T, E)")
+    if noise.shape != (flat.shape[0], n_experts):
+        raise ValueError(f"noise must be (T, E) = {(flat.shape[0], n_experts)}; got "
+                         f"shape {tuple(noise.shape)}")
+    if noise.dtype != flat.dtype:
+        raise ValueError(f"noise must have the layer's dtype {flat.dtype}; got {noise.dtype}")
+    return noise
+
+
+def _experts_of(layer: object, router: str) -> ExpertBank:
+    """Copies of the experts of `layer`, which must be an `MoEFeedForward` with `router`."""
+    if not isinstance(layer, MoEFeedForward) or layer.router != router:
+        got = getattr(layer, "router", None)
+        raise ValueError(f"layer must be an MoEFeedForward with router={router!r}; got "
+                         f"{type(layer).__name__} with router={got!r}")
+    return ExpertBank.from_modules(list(layer.experts))
+
+
+def _with_weights(layer: nn.Module, gate: nn.Linear, experts: nn.Module) -> nn.Module:
+    """`layer` in `gate`'s dtype with a copy of `gate`'s weight and `experts` (copies)."""
+    layer = layer.to(gate.weight.dtype)
+    layer.experts = experts
+    with torch.no_grad():
+        layer.gate.weight.copy_(gate.weight)
+    return layer
+
+
 class TopKMoE(nn.Module):
     """Top-k token-choice mixture of experts with stacked expert weights, dispatch vectorised.
 
@@ -264,22 +302,8 @@ class TopKMoE(nn.Module):
 
     def _noise(self, flat: Tensor, noise: Tensor | None) -> Tensor | None:
         """The `(T, E)` noise of eq. 4 (drawn if not given) in noisy training, else None."""
-        if self.w_noise is None or not self.training:
-            if noise is not None:
-                raise ValueError("noise is only used by a noisy layer in training mode; got a "
-                                 f"noise tensor for a layer with noisy={self.noisy}, "
-                                 f"training={self.training}")
-            return None
-        if noise is None:
-            return torch.randn(flat.shape[0], self.n_experts, dtype=flat.dtype,
-                               device=flat.device)  # (T, E)
-        float_tensor("noise", noise, ndim=2, shape_hint="(T, E)")
-        if noise.shape != (flat.shape[0], self.n_experts):
-            raise ValueError(f"noise must be (T, E) = {(flat.shape[0], self.n_experts)}; got "
-                             f"shape {tuple(noise.shape)}")
-        if noise.dtype != flat.dtype:
-            raise ValueError(f"noise must have the layer's dtype {flat.dtype}; got {noise.dtype}")
-        return noise
+        return _noise_sample(noise, flat, self.n_experts, self.noisy,
+                             self.w_noise is not None and self.training, self.training)
 
     def _logits(self, flat: Tensor, noise: Tensor | None) -> Tensor:
         """Router logits by the course's functions (the loop oracle and the padded layout)."""
@@ -359,17 +383,10 @@ class TopKMoE(nn.Module):
         >>> torch.allclose(fast(x).y, slow(x).y, atol=1e-6)
         True
         """
-        if not isinstance(layer, MoEFeedForward) or layer.router != "top_k":
-            router = getattr(layer, "router", None)
-            raise ValueError("layer must be an MoEFeedForward with router='top_k'; got "
-                             f"{type(layer).__name__} with router={router!r}")
-        bank = ExpertBank.from_modules(list(layer.experts))
+        bank = _experts_of(layer, "top_k")
         fast = cls(bank.d_model, bank.d_hidden, layer.n_experts, layer.k, layer.capacity_factor,
-                   "gelu", dispatch=dispatch).to(layer.gate.weight.dtype)
-        fast.experts = bank
-        with torch.no_grad():
-            fast.gate.weight.copy_(layer.gate.weight)
-        return fast
+                   "gelu", dispatch=dispatch)
+        return _with_weights(fast, layer.gate, bank)
 
     def to_moe_feed_forward(self) -> MoEFeedForward:
         """An `MoEFeedForward` with copies of this layer's weights (GELU, not noisy)."""
@@ -378,11 +395,8 @@ class TopKMoE(nn.Module):
                              f"MoEFeedForward twin; got expert={self.experts.kind!r}, "
                              f"noisy={self.noisy}")
         slow = MoEFeedForward(self.d_model, self.experts.d_hidden, self.n_experts, self.k,
-                              "top_k", self.capacity_factor).to(self.gate.weight.dtype)
-        slow.experts = self.experts.to_modules()
-        with torch.no_grad():
-            slow.gate.weight.copy_(self.gate.weight)
-        return slow
+                              "top_k", self.capacity_factor)
+        return _with_weights(slow, self.gate, self.experts.to_modules())
 
 
 class ExpertChoiceMoE(nn.Module):
@@ -441,18 +455,10 @@ class ExpertChoiceMoE(nn.Module):
     @classmethod
     def from_moe_feed_forward(cls, layer: MoEFeedForward) -> ExpertChoiceMoE:
         """An `ExpertChoiceMoE` with copies of an expert-choice `MoEFeedForward`'s weights."""
-        if not isinstance(layer, MoEFeedForward) or layer.router != "expert_choice":
-            router = getattr(layer, "router", None)
-            raise ValueError("layer must be an MoEFeedForward with router='expert_choice'; got "
-                             f"{type(layer).__name__} with router={router!r}")
-        bank = ExpertBank.from_modules(list(layer.experts))
+        bank = _experts_of(layer, "expert_choice")
         factor = layer.capacity_factor if layer.capacity_factor is not None else float(layer.k)
-        fast = cls(bank.d_model, bank.d_hidden, layer.n_experts, factor,
-                   "gelu").to(layer.gate.weight.dtype)
-        fast.experts = bank
-        with torch.no_grad():
-            fast.gate.weight.copy_(layer.gate.weight)
-        return fast
+        return _with_weights(cls(bank.d_model, bank.d_hidden, layer.n_experts, factor, "gelu"),
+                             layer.gate, bank)
 
 
 class DenseFFN(nn.Module):
