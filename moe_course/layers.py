@@ -33,7 +33,7 @@ from .validation import float_tensor, index_tensor, positive_float, positive_int
 
 __all__ = ["AUTO_GROUPED_MACS", "DISPATCHES", "Assignments", "DenseFFN", "ExpertChoiceMoE",
            "MoEFeedForward", "MoEOutput", "Routing", "TokenChoice", "TopKMoE",
-           "group_by_expert", "moe_from_routing"]
+           "group_by_expert", "moe_from_routing", "token_rows"]
 
 
 class MoEOutput(NamedTuple):
@@ -69,6 +69,29 @@ def moe_from_routing(x: Tensor, flat: Tensor, experts: Sequence[ExpertFn], logit
         load = torch.bincount(routing.indices[routing.keep], minlength=e)  # (E,)
     return MoEOutput(y.reshape(x.shape), aux_loss, router_z_loss(logits), logits, routing,
                      load.to(x.dtype))
+
+
+def token_rows(x: object, d_model: int) -> Tensor:
+    """Check a layer input `x`, `(B, S, D)` or `(T, D)`, and flatten it to `(T, D)` rows.
+
+    >>> token_rows(torch.zeros(2, 3, 4), d_model=4).shape
+    torch.Size([6, 4])
+    """
+    t = float_tensor("x", x, shape_hint="(B, S, D) or (T, D)")
+    if t.dim() not in (2, 3) or t.shape[-1] != d_model:
+        raise ValueError(f"x must be (B, S, D) or (T, D) with D = {d_model}; got shape "
+                         f"{tuple(t.shape)}")
+    return t.reshape(-1, d_model)  # (T, D)
+
+
+def _token_input(x: object, d_model: int, dtype: torch.dtype) -> Tensor:
+    """`token_rows`, plus at least one token and the layer's dtype (the fast layers)."""
+    t = token_rows(x, d_model)  # (T, D)
+    if t.numel() == 0:
+        raise ValueError(f"x must hold at least one token; got shape {tuple(x.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"x must have the layer's dtype {dtype}; got {t.dtype}")
+    return t
 
 
 def _noise_router(d_model: int, n_experts: int) -> nn.Linear:
@@ -115,12 +138,7 @@ class MoEFeedForward(nn.Module):
         self.w_noise = _noise_router(d_model, n_experts) if row.noisy else None
 
     def forward(self, x: Tensor) -> MoEOutput:
-        float_tensor("x", x, shape_hint="(B, S, D) or (T, D)")
-        d = self.gate.in_features
-        if x.shape[-1] != d or x.dim() not in (2, 3):
-            raise ValueError(f"x must be (B, S, D) or (T, D) with D = {d}; got shape "
-                             f"{tuple(x.shape)}")
-        flat = x.reshape(-1, d)  # (T, D)
+        flat = token_rows(x, self.gate.in_features)  # (T, D)
         logits = self.gate(flat)  # (T, E)
         if self.w_noise is not None and self.training:
             noise = torch.randn_like(logits)  # (T, E)
@@ -139,19 +157,6 @@ DISPATCHES = ("auto", "blocked", "grouped", "padded")
 # blocked layout saves. Above it the blocked layout wins. Both measured in
 # benchmarks/bench_layers.py (see benchmarks/README.md).
 AUTO_GROUPED_MACS = 2**21
-
-
-def _token_input(name: str, x: object, d_model: int, dtype: torch.dtype) -> Tensor:
-    """Check a layer input, `(B, S, D)` or `(T, D)`, and flatten it to `(T, D)`."""
-    t = float_tensor(name, x, shape_hint="(B, S, D) or (T, D)")
-    if t.dim() not in (2, 3) or t.shape[-1] != d_model:
-        raise ValueError(f"{name} must be (B, S, D) or (T, D) with D = {d_model}; got shape "
-                         f"{tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} must hold at least one token; got shape {tuple(t.shape)}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name} must have the layer's dtype {dtype}; got {t.dtype}")
-    return t.reshape(-1, d_model)  # (T, D)
 
 
 class _Combine(torch.autograd.Function):
@@ -324,7 +329,7 @@ class TopKMoE(nn.Module):
 
     def forward(self, x: Tensor, noise: Tensor | None = None) -> MoEOutput:
         """`x` `(B, S, D)` or `(T, D)`; `noise` `(T, E)` standard normal (noisy training only)."""
-        flat = _token_input("x", x, self.d_model, self.gate.weight.dtype)  # (T, D)
+        flat = _token_input(x, self.d_model, self.gate.weight.dtype)  # (T, D)
         dispatch = self.dispatch
         if self.experts.kind not in KERNELS:  # no hand-written kernels: autograd's layout
             dispatch = "padded"
@@ -368,7 +373,7 @@ class TopKMoE(nn.Module):
         """The oracle: the same layer computed as `MoEFeedForward` does, one expert at a time
         (`top_k_router` and `moe_from_routing` over `self.experts.expert_fns()`, functions
         sharing this layer's parameters, so gradients compare)."""
-        flat = _token_input("x", x, self.d_model, self.gate.weight.dtype)  # (T, D)
+        flat = _token_input(x, self.d_model, self.gate.weight.dtype)  # (T, D)
         logits = self._logits(flat, noise)  # (T, E)
         routing = top_k_router(logits, self.k, self.capacity_factor).routing
         return moe_from_routing(x, flat, self.experts.expert_fns(), logits, routing)
@@ -426,7 +431,7 @@ class ExpertChoiceMoE(nn.Module):
         self.experts = ExpertBank(d_model, d_hidden, n_experts, expert)
 
     def _route(self, x: Tensor) -> tuple[Tensor, Tensor, ExpertChoice]:
-        flat = _token_input("x", x, self.d_model, self.gate.weight.dtype)  # (T, D)
+        flat = _token_input(x, self.d_model, self.gate.weight.dtype)  # (T, D)
         logits = self.gate(flat)  # (T, E)
         capacity = expert_choice_capacity(flat.shape[0], self.n_experts, self.capacity_factor)
         return flat, logits, expert_choice_routing(logits, capacity)  # (E, C) each
