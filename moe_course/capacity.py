@@ -109,6 +109,7 @@ class Assignments(NamedTuple):
     counts: Tensor  # (E,) kept assignments per expert
     routed: Tensor  # (E,) all assignments per expert, before capacity (Switch f_e)
     order: Tensor  # (M,) token-major ids t*K + j of the kept assignments, grouped by expert
+    tokens: Tensor  # (M,) the token of each of them, order // K
 
 
 def group_by_expert(indices: Tensor, n_experts: int, capacity: int | None = None) -> Assignments:
@@ -143,10 +144,12 @@ def group_by_expert(indices: Tensor, n_experts: int, capacity: int | None = None
     pos_sorted = torch.arange(n, device=indices.device) - starts[expert_sorted]  # (K*T,)
     positions = torch.empty_like(pos_sorted).index_copy_(0, order, pos_sorted)  # (K*T,)
     positions = positions.reshape(k, t).t()  # (T, K)
-    token_major = (order % t) * k + order // t  # (K*T,) choice-major id j*T+t -> t*K+j
+    tokens = order % t  # (K*T,) choice-major id j*T + t -> its token t
+    token_major = (tokens * k).add_(order // t)  # (K*T,) -> token-major id t*K + j
     if capacity is None or capacity >= n:
         return Assignments(positions, torch.ones_like(positions, dtype=torch.bool), routed,
-                           routed, token_major)
+                           routed, token_major, tokens)
     kept = pos_sorted < capacity  # (K*T,)
     counts = routed.clamp(max=capacity)  # (E,)
-    return Assignments(positions, positions < capacity, counts, routed, token_major[kept])
+    return Assignments(positions, positions < capacity, counts, routed, token_major[kept],
+                       tokens[kept])

@@ -87,7 +87,7 @@ def _plan(indices: Tensor, n_experts: int, capacity: int | None) -> _Plan:
     counts = a.counts.tolist()
     active = [e for e, n in enumerate(counts) if n]
     return _Plan(a.counts, counts, active, [counts[e] for e in active],
-                 a.order // indices.shape[1], a.order, a.keep, a.routed)
+                 a.tokens, a.order, a.keep, a.routed)
 
 
 # ---------------------------------------------------------------------------------------------

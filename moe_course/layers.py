@@ -354,7 +354,7 @@ class TopKMoE(nn.Module):
         if capacity is not None:
             weights = torch.where(plan.keep, weights, torch.zeros_like(weights))  # (T, K)
         buffer = int(plan.counts.max())  # C: the busiest expert's kept load
-        token = plan.order // k  # (M,) token of each kept assignment, grouped by expert
+        token = plan.tokens  # (M,) token of each kept assignment, grouped by expert
         weight = weights.reshape(-1)[plan.order]  # (M,) its gate weight
         slot = (indices * buffer + plan.positions).reshape(-1)[plan.order]  # (M,) e*C + pos
         row_token = token.new_zeros(e * buffer).index_copy_(0, slot, token)  # (E*C,)

@@ -229,6 +229,7 @@ def test_group_by_expert_equals_capacity_positions_and_apply_capacity(t, k, e, c
     expert_of = indices.reshape(-1)[plan.order]  # (M,)
     assert bool((expert_of[1:] >= expert_of[:-1]).all())  # grouped by expert
     assert torch.equal(plan.counts, torch.bincount(expert_of, minlength=e))
+    assert torch.equal(plan.tokens, plan.order // k)
     assert sorted(plan.order.tolist()) == plan.keep.reshape(-1).nonzero().flatten().tolist()
     slot = plan.positions.reshape(-1)[plan.order]  # (M,) each expert's rows in slot order
     for ex in range(e):
