@@ -168,14 +168,16 @@ def explore(router: str = "top_k", n_tokens: int = 32, n_experts: int = 8, k: in
             routing_fn: RoutingFn | None = None) -> RoutingState:
     """Route `T` tokens to `E` experts with a reference router and measure the result.
 
-    `router` is a key of `ROUTERS`: `"dense"` (every expert, top-k with `k = E`), `"top_k"`
+    `router` is a key of `ROUTERS` (`moe_course.routers`, the one router table: a row added
+    there shows up here), built in: `"dense"` (every expert, top-k with `k = E`), `"top_k"`
     and `"noisy_top_k"` (Shazeer et al. 2017, arXiv 1701.06538, eq. 3-5, no capacity),
     `"top_k_capacity"` (GShard, arXiv 2006.16668: `expert_capacity(T, E, c, k)` slots),
     `"switch"` (Fedus et al., arXiv 2101.03961: top-1 with capacity) or `"expert_choice"`
     (Zhou et al., arXiv 2202.09368: each expert takes `expert_choice_capacity(T, E, c)`
     tokens). `logits` `(T, E)` replaces the synthetic random router (then `n_tokens` and
     `n_experts` are ignored and noise is `noise_scale` times a standard normal); they are
-    divided by `temperature` either way. `routing_fn` replaces the reference router:
+    divided by `temperature` either way. `routing_fn` replaces the router's selection step
+    (its row's `select`; capacity and the rest stay the reference's):
     `routing_fn(logits, k) -> (weights, indices)`, both `(T, K)`, for token choice (a
     learner's `top_k_gating`), `routing_fn(logits, C) -> (gates, token_idx)`, both `(E, C)`,
     for expert choice. Raises `ValueError` with a readable message on bad input.
