@@ -215,7 +215,7 @@ def grouped_linear(a: Tensor, w: Tensor, b: Tensor | None, counts: list[int]) ->
 Linear = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]  # (rows, weight, bias) -> rows
 
 
-def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+def linear_map(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """One expert's linear map, input-major: `x @ w (+ b)`, `(..., I), (I, O) -> (..., O)`."""
     return x @ w if b is None else x @ w + b
 
@@ -226,7 +226,7 @@ def batched_linear(xs: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 def gelu_expert(x: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor,
-                linear: Linear = _linear) -> Tensor:
+                linear: Linear = linear_map) -> Tensor:
     """`Expert` with its weights input-major: `gelu(x @ w_in + b_in) @ w_out + b_out`.
 
     `linear` applies one linear map: one expert's (the default), every expert's on a padded
@@ -236,7 +236,7 @@ def gelu_expert(x: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Ten
 
 
 def swiglu_expert(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor,
-                  linear: Linear = _linear) -> Tensor:
+                  linear: Linear = linear_map) -> Tensor:
     """`SwiGLUExpert` with its weights input-major: `(silu(x @ w1) * (x @ w3)) @ w2`."""
     return linear(F.silu(linear(x, w1, None)) * linear(x, w3, None), w2, None)  # eq. 1
 
