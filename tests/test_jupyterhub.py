@@ -4,10 +4,11 @@ A real JupyterHub (PyPI `jupyterhub`, npm `configurable-http-proxy`) on 127.0.0.
 ports; one instructor and three students made with `useradd` (unique names per run, removed
 with `userdel -r` at the end); a password-only DummyAuthenticator (no PAM); the
 LocalProcessSpawner starting `jupyterhub-singleuser` (JupyterLab) as each user; the course
-installed once for all of them (this test's interpreter, made reachable by every user:
-`chmod o+x` on the folders above it that lack it, restored at the end); nbgrader's exchange
-under a temporary root, configured in a system-wide `nbgrader_config.py` found through
-`JUPYTER_CONFIG_PATH`.
+installed once for all of them: its wheel (no `solutions/`) installed with `pip --target`
+into a folder on every user's PYTHONPATH, over this test's interpreter (made reachable by
+every user: `chmod o+x` on the folders above it that lack it, restored at the end);
+nbgrader's exchange under a temporary root, configured in a system-wide
+`nbgrader_config.py` found through `JUPYTER_CONFIG_PATH`.
 
 The story, as docs/instructors.md tells it (its commands are the ones run here):
 
@@ -46,6 +47,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -140,6 +142,7 @@ class Class:
         self.root.chmod(0o755)  # the users read the system-wide config under it
         self.exchange = self.root / "exchange"
         self.config_dir = self.root / "etc" / "jupyter"
+        self.site = self.root / "site"  # the course's wheel, installed for every user
         self.made: list[str] = []
         self.chmodded: list[tuple[Path, int]] = []
 
@@ -171,6 +174,7 @@ class Class:
         return {"PATH": f"{BIN_PATH}:/usr/local/bin:/usr/bin:/bin",
                 "HOME": str(home), "USER": user, "LOGNAME": user, "LANG": "C.UTF-8",
                 **jupyter_paths(self.config_dir), "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(self.site),
                 "PYTHONDONTWRITEBYTECODE": "1"}
 
     def run_as(self, user: str, cmd: list[str], cwd: Path, timeout: float = 600,
@@ -378,7 +382,8 @@ c.Spawner.default_url = "/lab"
 c.Spawner.ip = "127.0.0.1"
 c.Spawner.start_timeout = 240
 c.Spawner.http_timeout = 240
-c.Spawner.environment = {{**{jupyter_paths(cls.config_dir)!r}, "OMP_NUM_THREADS": "1"}}
+c.Spawner.environment = {{**{jupyter_paths(cls.config_dir)!r}, "OMP_NUM_THREADS": "1",
+                          "PYTHONPATH": {str(cls.site)!r}}}
 c.JupyterHub.cleanup_servers = True
 """
 
@@ -410,11 +415,24 @@ def test_a_class_on_jupyterhub(tmp_path):
             "c = get_config()  # noqa\n"
             f"c.Exchange.root = {str(cls.exchange)!r}\n"
             'c.CourseDirectory.course_id = "moe_course"\n')
-        # every user imports the course and nbgrader from the one install (one student
-        # checks it here; the others' servers and the instructor's nbgrader do it below)
+        # the course for all users: a wheel (the package, never solutions/), installed once
+        # into a folder every user reads, put first on their PYTHONPATH
+        dist = cls.root / "dist"
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                        str(dist), str(REPO)], check=True, timeout=600, cwd=cls.root)
+        (wheel,) = dist.glob("moe_course-*.whl")
+        shipped = zipfile.ZipFile(wheel).namelist()
+        assert any(n.startswith("moe_course/") for n in shipped)
+        assert not any(n.startswith(("solutions/", "notebooks/", "tests/")) for n in shipped)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                        str(cls.site), str(wheel)], check=True, timeout=600)
+        # every user imports that course and nbgrader (one student checks it here; the
+        # others' servers and the instructor's nbgrader do it below)
         a_home = cls.home(cls.students["A"])
-        cls.run_as(cls.students["A"], [sys.executable, "-c", "import moe_course, nbgrader"],
-                   a_home, timeout=300)
+        found = cls.run_as(cls.students["A"], [sys.executable, "-c",
+                           "import moe_course, nbgrader; print(moe_course.__file__)"],
+                           a_home, timeout=300).stdout.strip()
+        assert found.startswith(str(cls.site)), found
         _mark(f"users made ({', '.join(cls.users)}); course importable by all", t0)
 
         # the instructor's course folder, built from solutions/
