@@ -340,15 +340,25 @@ def grade_written_answers(browser, base: str, instructor: str, ids: dict[str, st
                   wait_until="domcontentloaded")
         page.wait_for_selector("table", timeout=60_000)
         for who, submission_id in ids.items():
+            # the score boxes are in the page before the formgrader's script has loaded the
+            # grades and bound them (a value typed earlier is never saved): wait for the
+            # network to settle, and type again if no save follows
             page.goto(f"{base}/user/{instructor}/formgrader/submissions/{submission_id}",
-                      wait_until="domcontentloaded")
+                      wait_until="networkidle", timeout=120_000)
             score = page.locator("input.score#ex01_written")
             score.wait_for(timeout=60_000)
-            with page.expect_response(
-                    lambda r: "/formgrader/api/grade/" in r.url and r.request.method == "PUT",
-                    timeout=60_000) as response:
-                score.fill(f"{WRITTEN_POINTS[who]:g}")
-                score.press("Tab")  # the change event saves the grade
+            for attempt in range(4):
+                try:
+                    with page.expect_response(
+                            lambda r: "/formgrader/api/grade/" in r.url
+                            and r.request.method == "PUT", timeout=20_000) as response:
+                        score.fill("")
+                        score.fill(f"{WRITTEN_POINTS[who]:g}")
+                        score.press("Tab")  # the change event saves the grade
+                    break
+                except Exception:
+                    if attempt == 3:
+                        raise
             assert response.value.ok, response.value.status
     except Exception:
         page.screenshot(path="/tmp/moe-hub-failure-formgrader.png")
