@@ -27,8 +27,8 @@ TOP_DOWN = [
     # core concepts, one per module
     "validation", "gating", "routing", "capacity", "expert_choice", "experts", "losses", "data",
     # the layers and models built from them
-    "routers", "fused", "layers", "modern", "parallel", "parallel_workers", "transformer",
-    "train",
+    "routers", "fused", "layers", "modern", "parallel", "parallel_workers",
+    "parallel_torchrun", "transformer", "train",
     # what uses them: the widgets, the checks (and graders), the release and the CLI
     "widgets", "grading", "release", "cli",
 ]
