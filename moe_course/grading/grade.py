@@ -44,11 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .autograde.limits import Limits, add_options, from_options, to_options
 from .registry import EXERCISES, Exercise, exercises_for
-from .sandbox import Cell, Limits
+from .sandbox import Cell
 
 CSV_COLUMNS = ("student", "assignment", "exercise", "score", "max_score")
-NOTEBOOK_LIMIT = 64 << 20  # largest notebook file read (bytes); outputs make most of it
+NOTEBOOK_LIMIT = Limits().notebook_mb << 20  # largest notebook file read, by default (bytes)
 ASSIGNMENTS = frozenset(ex.assignment for ex in EXERCISES.values())
 
 
@@ -74,7 +75,7 @@ class Submission:
         return exercises_for(self.assignment)
 
 
-def read_cells(path: Path) -> list[Cell]:
+def read_cells(path: Path, limit: int = NOTEBOOK_LIMIT) -> list[Cell]:
     """The code cells of a notebook file, read as plain JSON (outputs are ignored).
 
     Raises `NotebookError` for a file that is too large, not JSON, or not shaped like a
@@ -82,11 +83,11 @@ def read_cells(path: Path) -> list[Cell]:
     """
     try:
         with open(path, "rb") as f:
-            data = f.read(NOTEBOOK_LIMIT + 1)
+            data = f.read(limit + 1)
     except OSError as exc:
         raise NotebookError(f"the notebook could not be read ({exc.strerror})") from None
-    if len(data) > NOTEBOOK_LIMIT:
-        raise NotebookError(f"the notebook is larger than {NOTEBOOK_LIMIT >> 20} MiB")
+    if len(data) > limit:
+        raise NotebookError(f"the notebook is larger than {limit >> 20} MiB")
     try:
         nb = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -311,13 +312,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="where grades.csv, grades.json and feedback/ go")
     parser.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
                         help="submissions graded in parallel (pytest-xdist workers)")
-    defaults = Limits()
-    parser.add_argument("--timeout", type=float, default=defaults.timeout, metavar="S",
-                        help="wall seconds for one cell and for one exercise's checks "
-                             f"(default {defaults.timeout:g})")
-    parser.add_argument("--memory", type=int, default=defaults.memory_mb, metavar="MB",
-                        help="address-space limit of a learner's process "
-                             f"(default {defaults.memory_mb})")
+    limits = parser.add_argument_group("limits of a sandboxed run")
+    add_options(limits.add_argument)
+    parser.add_argument("--require-isolation", action="store_true",
+                        help="refuse to grade (exit 2) where any wall of the sandbox is down "
+                             "on this machine; without it the grader says which are down, "
+                             "once, and grades")
     parser.add_argument("--assignment", help="the assignment of notebooks whose path does "
                                              "not say it")
     parser.add_argument("--shard", metavar="K/N", help="grade only every N-th submission, "
@@ -334,8 +334,7 @@ def pytest_args(paths: Sequence[str | Path], out: str | Path, jobs: int, limits:
     ini.write_text("[pytest]\n")  # an empty config: no addopts, conftests or paths of others
     args = ["-p", "moe_course.grading.pytest_grader", "-c", str(ini), "--rootdir", config_dir,
             "--noconftest", "-p", "no:cacheprovider", "-q", "--tb=no", "-rN",
-            "--grades-out", str(out), "--grader-timeout", str(limits.timeout),
-            "--grader-memory", str(limits.memory_mb)]
+            "--grades-out", str(out), *to_options(limits, "grader-")]
     if assignment:
         args += ["--grader-assignment", assignment]
     if jobs > 1:
@@ -363,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--jobs must be >= 1; got {args.jobs}")
         if args.jobs > 1 and importlib.util.find_spec("xdist") is None:
             raise ValueError("--jobs > 1 needs pytest-xdist: pip install pytest-xdist")
-        limits = Limits(timeout=args.timeout, memory_mb=args.memory)
+        limits = from_options(args)
         subs = find_submissions(args.paths, args.assignment)
         if args.shard:
             subs = shard(subs, args.shard)
@@ -375,10 +374,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     import pytest
 
+    from .sandbox import isolation
+
+    down = isolation().down
+    if down:  # said once, up front
+        print("moe-course grade: walls down on this machine: " + "; ".join(down),
+              file=sys.stderr)
+        if args.require_isolation:
+            print("moe-course grade: --require-isolation: not grading", file=sys.stderr)
+            return 2
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="moe-grade-config-") as config_dir:
+        extra = ["--require-isolation"] if args.require_isolation else []
         code = pytest.main(pytest_args([s.path for s in subs], args.out, min(args.jobs,
-                                       len(subs)), limits, args.assignment, config_dir))
+                                       len(subs)), limits, args.assignment, config_dir)
+                           + extra)
     try:
         report = json.loads((Path(args.out) / "grades.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):

@@ -2,7 +2,8 @@
 
     pytest -p moe_course.grading.pytest_grader --noconftest --submission alice.ipynb \\
            [--submission submitted/] [--grades-out DIR] [--grader-timeout S] \\
-           [--grader-memory MB] [-n 4 --dist loadscope]
+           [--grader-memory MB] [--grader-...: every field of `Limits`] \\
+           [--require-isolation] [-n 4 --dist loadscope]
 
 For every submission (see `grade.find_submissions`) the plugin collects one item per
 autograded exercise, with node id `<student>/<assignment>::<grade_id>`. The first item of a
@@ -31,11 +32,12 @@ import pytest
 import torch
 from torch import Tensor
 
+from .autograde.limits import Limits, add_options, from_options
 from .grade import NotebookError, Submission, find_submissions, read_cells, write_gradebook
 from .probe import CheckFailure
 from .registry import Exercise
 from .runner import judge_probe
-from .sandbox import Limits, SandboxRun, run_sandboxed
+from .sandbox import SandboxRun, isolation, run_sandboxed
 
 PROPERTY = "moe_course_grade"  # user_properties key of an item's result (a JSON string)
 _EXERCISE_KEYS = ("exercise", "symbol", "score", "max_score", "status", "checks", "worker")
@@ -143,7 +145,7 @@ class SubmissionNode(pytest.Collector):
         self._run: SandboxRun | None = None
         self._problem: str | None = None
         try:
-            self._cells = read_cells(submission.path)
+            self._cells = read_cells(submission.path, limits.notebook_mb << 20)
         except NotebookError as exc:
             self._cells, self._problem = [], str(exc)
 
@@ -154,7 +156,7 @@ class SubmissionNode(pytest.Collector):
     def sandbox_run(self) -> tuple[SandboxRun | None, str | None]:
         if self._run is None and self._problem is None:
             self._run = run_sandboxed(self._cells, self.submission.exercises, self.limits,
-                                      probe_inputs)
+                                      probe_inputs, self.submission.path)
         return self._run, self._problem
 
     def summary(self) -> dict[str, Any]:
@@ -208,8 +210,11 @@ class GraderSession:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.limits = Limits(timeout=config.getoption("grader_timeout"),
-                             memory_mb=config.getoption("grader_memory"))
+        self.limits = from_options(config, "grader-")
+        self.isolation = isolation()
+        if self.isolation.down and config.getoption("require_isolation"):
+            raise pytest.UsageError("--require-isolation: walls are down on this machine: "
+                                    + "; ".join(self.isolation.down))
         try:
             self.submissions = find_submissions(config.getoption("submission"),
                                                 config.getoption("grader_assignment"))
@@ -268,8 +273,9 @@ class GraderSession:
             graded.append({**summary, "exercises": exercises, "manual": [
                 {"exercise": ex.grade_id, "max_score": float(ex.points)}
                 for ex in sub.exercises if ex.kind == "written"]})
-        limits = {"timeout": self.limits.timeout, "memory_mb": self.limits.memory_mb}
-        write_gradebook(out, graded, extra={"limits": limits})
+        write_gradebook(out, graded, extra={"limits": self.limits.to_dict(),
+                                            "isolation": self.isolation.walls,
+                                            "walls_down": list(self.isolation.down)})
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -279,11 +285,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "tree (repeatable)")
     group.addoption("--grades-out", default=None, metavar="DIR",
                     help="write grades.csv, grades.json and feedback/ there at the end")
-    defaults = Limits()
-    group.addoption("--grader-timeout", type=float, default=defaults.timeout, metavar="S",
-                    help="wall seconds for one cell and for one exercise's checks")
-    group.addoption("--grader-memory", type=int, default=defaults.memory_mb, metavar="MB",
-                    help="address-space limit of the learner's process")
+    add_options(group.addoption, "grader-")
+    group.addoption("--require-isolation", action="store_true", default=False,
+                    help="refuse to grade where any wall of the sandbox is down")
     group.addoption("--grader-assignment", default=None, metavar="NAME",
                     help="the assignment of notebooks whose path does not say it")
 

@@ -34,6 +34,7 @@ import atexit
 import ctypes
 import hmac
 import io
+import itertools
 import json
 import os
 import secrets
@@ -53,30 +54,12 @@ from typing import Any
 
 import torch
 
-from ..validation import positive_float, positive_int
+from .autograde import walls
+from .autograde.limits import Limits
 from .registry import Exercise
 from .sandbox_worker import FRAME_HEADER
 
 WORKER = "moe_course.grading.sandbox_worker"
-GRACE_S = 5.0  # seconds a step has to stop after SIGINT before its process group is killed
-STARTUP_S = 60.0  # seconds the worker may take to import torch and report ready
-LOG_BYTES = 4096  # how much of the worker's log a failure report quotes
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one sandboxed run of a submission may use."""
-
-    timeout: float = 60.0  # wall seconds for one cell, and for one exercise's checks
-    memory_mb: int = 3072  # address space of the learner's process (RLIMIT_AS), MiB
-    file_mb: int = 64  # largest file it may write, its log included (RLIMIT_FSIZE), MiB
-    attempts: int = 3  # fresh sandboxes per submission, each skipping what ended the last
-    result_mb: int = 64  # most result data read back from one sandbox, MiB
-
-    def __post_init__(self) -> None:
-        positive_float("timeout", self.timeout)
-        for name in ("memory_mb", "file_mb", "attempts", "result_mb"):
-            positive_int(name, getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -144,7 +127,8 @@ def plan(cells: Sequence[Cell], exercises: Sequence[Exercise]) -> list[dict[str,
 
 
 def run_sandboxed(cells: Sequence[Cell], exercises: Sequence[Exercise], limits: Limits,
-                  inputs: Callable[[Exercise, Any], dict[str, Any]]) -> SandboxRun:
+                  inputs: Callable[[Exercise, Any], dict[str, Any]],
+                  submission: str | os.PathLike | None = None) -> SandboxRun:
     """Run a submission in sandboxes until every exercise has been probed or blamed.
 
     `inputs(exercise, probe)` gives the (trusted) inputs of a probe. A step that ends a
@@ -166,7 +150,7 @@ def run_sandboxed(cells: Sequence[Cell], exercises: Sequence[Exercise], limits: 
         job_inputs = {f"{steps[k]['grade_id']}::{p.name}": inputs(by_id[steps[k]["grade_id"]], p)
                       for k in order if steps[k]["kind"] == "probe"
                       for p in _probes(by_id[steps[k]["grade_id"]])}
-        attempt = _Attempt(steps, order, job_inputs, by_id, limits)
+        attempt = _Attempt(steps, order, job_inputs, by_id, limits, _own_folder(submission))
         attempt.run()
         result.attempts += 1
         result.walls = attempt.walls or result.walls
@@ -368,7 +352,7 @@ class Zygote:
         child.close()
         _HELPERS.add(self.proc.pid)
         self.sock = parent
-        ready = self._receive("ready", STARTUP_S)
+        ready = self._receive("ready", Limits().startup)
         if ready is None or int(ready) < 1:
             self.close()
             raise _ZygoteUnavailable(f"zygote: {ready!r}")
@@ -488,13 +472,60 @@ class _Worker:
             os.close(self.pidfd)
 
 
+@dataclass(frozen=True)
+class Isolation:
+    """The walls every sandbox of this process gets, found once by `walls.survey`."""
+
+    walls: dict[str, Any]  # walls.WALLS -> up (bool) or Landlock's ABI (int)
+    own_uids: bool  # a root grader hands each sandbox a uid of its own
+    down: tuple[str, ...]  # what is missing, in words (empty: every wall is up)
+
+
+_ISOLATION: dict[int, Isolation] = {}  # pid -> its survey (a fork surveys again)
+_SANDBOXES = itertools.count(1)
+
+
+def isolation() -> Isolation:
+    """What walls this machine gives a sandbox (surveyed once per process)."""
+    if os.getpid() not in _ISOLATION:
+        root = os.geteuid() == 0
+        own = root and walls.readable_by_others(walls.python_paths())
+        folder = tempfile.mkdtemp(prefix="moe-survey-")
+        try:
+            ids = walls.sandbox_ids(0) if own else None
+            if ids is not None:
+                os.chown(folder, *ids)
+            found = walls.survey(folder, ids)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        _ISOLATION[os.getpid()] = Isolation(found, own, tuple(walls.down(found, root)))
+    return _ISOLATION[os.getpid()]
+
+
+def _own_folder(path: str | os.PathLike | None) -> str | None:
+    """The submission's path when its folder holds no other notebook (then learner code may
+    read that folder); None otherwise."""
+    if path is None:
+        return None
+    folder = Path(path).parent
+    try:
+        others = [p for p in folder.iterdir() if p.suffix == ".ipynb" and p.name != Path(path).name]
+    except OSError:
+        return None
+    return None if others else str(path)
+
+
 class _Attempt:
     """One sandbox process: spawn, follow its frames against deadlines, sweep it away."""
 
     def __init__(self, steps: list[dict[str, Any]], order: list[int], inputs: dict[str, Any],
-                 exercises: dict[str, Exercise], limits: Limits) -> None:
+                 exercises: dict[str, Exercise], limits: Limits,
+                 submission: str | None = None) -> None:
         self.steps, self.order, self.inputs = steps, order, inputs
         self.exercises, self.limits = exercises, limits
+        self.submission = submission
+        self.isolation = isolation()
+        self.ids = (walls.sandbox_ids(next(_SANDBOXES)) if self.isolation.own_uids else None)
         self.nonce = secrets.token_hex(16)
         self.probes: dict[str, dict[str, ProbeOutcome]] = {}
         self.cell_errors: dict[int, str] = {}  # cell step -> its error
@@ -517,12 +548,18 @@ class _Attempt:
 
     def _job(self, folder: str) -> dict[str, Any]:
         n_steps = len(self.order) + 1
+        ids = self.ids
+        if ids is not None:
+            os.chown(folder, *ids)  # the sandbox's own uid owns its folder, and only that
+        nproc = (self.limits.processes if ids is not None else 0 if os.getuid() == 0
+                 else _user_tasks() + self.limits.processes)
         return {"nonce": self.nonce, "folder": folder, "steps": self.steps,
                 "run": self.order, "inputs": self.inputs,
                 "assignment": next(iter(self.exercises.values())).assignment,
+                "submission": self.submission, "ids": list(ids) if ids else None,
                 "limits": {"memory_mb": self.limits.memory_mb, "file_mb": self.limits.file_mb,
-                           "cpu_s": int(self.limits.timeout * n_steps + STARTUP_S),
-                           "nproc": 0 if os.getuid() == 0 else _user_tasks() + 64}}
+                           "cpu_s": int(self.limits.timeout * n_steps + self.limits.startup),
+                           "open_files": self.limits.open_files, "nproc": nproc}}
 
     def _start_and_follow(self, private: str, folder: str) -> None:
         job_path, log_path = os.path.join(private, "job.pt"), os.path.join(private, "log")
@@ -542,7 +579,7 @@ class _Attempt:
             worker.close()
         if self.failure is not None:
             with open(log_path, "rb") as f:
-                self.failure += "\n" + f.read(LOG_BYTES).decode("utf-8", "replace")
+                self.failure += "\n" + f.read(self.limits.log_bytes).decode("utf-8", "replace")
 
     def _follow(self, worker: _Worker, read_fd: int) -> None:
         limits = self.limits
@@ -551,7 +588,7 @@ class _Attempt:
         current: int | None = None  # step started and not yet done
         ready, ended, interrupted, eof = False, False, False, False
         seen: set[str] = set()
-        deadline = time.monotonic() + max(STARTUP_S, limits.timeout)
+        deadline = time.monotonic() + max(limits.startup, limits.timeout)
         hard_stop = deadline + limits.timeout * (len(queue) + 1)
         os.set_blocking(read_fd, False)
         try:
@@ -587,6 +624,11 @@ class _Attempt:
                         ready = True
                         self.walls = {k: v for k, v in dict(message.get("walls", {})).items()
                                       if isinstance(v, (bool, int))}
+                        lost = walls.fewer(self.walls, self.isolation.walls)
+                        if lost:
+                            self.failure = ("the sandbox came up with fewer walls than the "
+                                            f"grader announced ({', '.join(lost)}): not graded")
+                            return
                     elif kind == "start":
                         if current is not None or not queue or message.get("step") != queue[0]:
                             raise _Violation("a step started out of order")
@@ -627,7 +669,7 @@ class _Attempt:
                         os.kill(worker.pid, signal.SIGINT)
                     except ProcessLookupError:
                         pass
-                    deadline = now + min(GRACE_S, limits.timeout)
+                    deadline = now + min(limits.grace, limits.timeout)
         except _Violation as violation:
             self._blame(current, queue, f"broke the grader's reporting protocol ({violation})")
 
@@ -645,7 +687,7 @@ class _Attempt:
                 error = overrun
                 self.stopped.add(k)
             if error is not None:
-                self.cell_errors[k] = str(error)[:500]
+                self.cell_errors[k] = str(error)[:self.limits.message_chars]
             return True
         exercise = self.exercises[step["grade_id"]]
         names = [p.name for p in _probes(exercise)]
@@ -662,7 +704,7 @@ class _Attempt:
             error = f"your {exercise.symbol} {overrun}"
         self.probes.setdefault(exercise.grade_id, {})[name] = ProbeOutcome(
             outputs=message.get("outputs") if error is None else None,
-            error=None if error is None else str(error)[:1000])
+            error=None if error is None else str(error)[:self.limits.message_chars])
         return False
 
     def _blame(self, current: int | None, queue: list[int], reason: str) -> None:
