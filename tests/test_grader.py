@@ -31,9 +31,11 @@ from moe_course.grading.grade import (
     CSV_COLUMNS,
     NotebookError,
     Submission,
+    discover,
     find_submissions,
     merge,
     read_cells,
+    safe_name,
     shard,
     write_gradebook,
 )
@@ -207,20 +209,44 @@ def test_submissions_are_found_in_nbgrader_trees_and_loose_folders(tmp_path: Pat
     assert [s.student for s in find_submissions([tree / "ann" / NB01])] == ["ann"]
 
 
-def test_ambiguous_or_duplicate_submissions_are_refused(tmp_path: Path) -> None:
+def test_ambiguous_or_duplicate_submissions_are_skipped_with_a_reason(tmp_path: Path) -> None:
+    """One notebook's problem never stops the others: it is skipped, with its reason."""
     unknown = _tiny_notebook(tmp_path / "a" / "dan.ipynb", ["nothing_known"])
-    with pytest.raises(ValueError, match="assignment is unknown"):
-        find_submissions([unknown])
+    ((_, why),) = [(s.path, s.reason) for s in discover([unknown])[1]]
+    assert "assignment is unknown" in why
     assert find_submissions([unknown], assignment=NB01)[0].assignment == NB01
     mixed = _tiny_notebook(tmp_path / "b" / "eve.ipynb", ["ex01_expert", "ex02_moe_flops"])
-    with pytest.raises(ValueError, match="several assignments"):
-        find_submissions([mixed])
+    assert "several assignments" in discover([mixed])[1][0].reason
     _tiny_notebook(tmp_path / "c" / "x" / NB01 / "one.ipynb", [])
     _tiny_notebook(tmp_path / "c" / "x" / NB01 / "two.ipynb", [])
-    with pytest.raises(ValueError, match="same student and assignment"):
-        find_submissions([tmp_path / "c"])
+    _tiny_notebook(tmp_path / "c" / "y" / NB01 / "one.ipynb", [])
+    found, skipped = discover([tmp_path / "c"])
+    assert [s.student for s in found] == ["y"]
+    assert len(skipped) == 2 and all("two notebooks for x/" in s.reason for s in skipped)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "broken.ipynb").write_text("{not json")
+    _tiny_notebook(tmp_path / "d" / "fine.ipynb", ["ex01_expert"])
+    found, skipped = discover([tmp_path / "d"])
+    assert [s.student for s in found] == ["fine"] and "not valid JSON" in skipped[0].reason
     with pytest.raises(ValueError, match="unknown assignment"):
         find_submissions([unknown], assignment="99_nothing")
+
+
+def test_symlinks_and_odd_names_are_reported_never_followed(tmp_path: Path) -> None:
+    """Symlinked notebooks and student folders are refused and listed; a name that is not
+    UTF-8 is graded under an escaped name."""
+    tree = tmp_path / "submitted"
+    outside = _tiny_notebook(tmp_path / "elsewhere" / "x.ipynb", [])
+    _tiny_notebook(tree / "ann" / NB01 / "experts_and_gating.ipynb", [])
+    (tree / "bob" / NB01).mkdir(parents=True)
+    (tree / "bob" / NB01 / "experts_and_gating.ipynb").symlink_to(outside)
+    (tree / "cat").symlink_to(tree / "ann")
+    odd = os.fsdecode(b"d\xe9d")
+    _tiny_notebook(tree / odd / NB01 / "experts_and_gating.ipynb", [])
+    found, skipped = discover([tree])
+    assert [s.student for s in found] == ["ann", "d\\xe9d"]
+    assert sorted(Path(s.path).name for s in skipped) == ["cat", "experts_and_gating.ipynb"]
+    assert all("symlink" in s.reason for s in skipped)
 
 
 def test_unreadable_notebooks_are_refused_with_a_reason(tmp_path: Path) -> None:
@@ -306,6 +332,29 @@ def test_gradebook_files_hold_the_scores_and_no_hidden_checks(tmp_path: Path) ->
     assert "graded by hand" in page
     assert sorted(p.name for p in tmp_path.iterdir()) == ["feedback", "grades.csv",
                                                           "grades.json"]
+
+
+def test_gradebook_survives_colliding_names_and_unwritable_feedback(tmp_path: Path) -> None:
+    """`a b` and `a_b` get two feedback pages; a page that cannot be written is reported and
+    the gradebook is still written; an output folder that refuses even that gets it beside."""
+    out = tmp_path / "out"
+    (out / "feedback" / safe_name("zed")).mkdir(parents=True)
+    (out / "feedback" / safe_name("zed") / f"{NB01}.md").mkdir()  # a folder where a page goes
+    assert not write_gradebook(out, [_result("a b", 2.0), _result("a_b", 0.0),
+                                     _result("zed", 2.0)])
+    pages = {p.parent.name: p.read_text() for p in (out / "feedback").glob("*/*.md")
+             if p.is_file()}
+    assert "feedback for a b" in pages[safe_name("a b")]
+    assert "feedback for a_b" in pages["a_b"]
+    report = json.loads((out / "grades.json").read_text())
+    assert not report["complete"] and "feedback for zed" in report["errors"][0]
+    assert len(read_grades(out)) == 3
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "grades.json").mkdir()  # cannot be replaced by a file
+    assert not write_gradebook(locked, [_result("a", 2.0)])
+    (elsewhere,) = tmp_path.glob("locked.gradebook-*")
+    assert read_grades(elsewhere) == {("a", NB01, "ex01_expert"): (2.0, 2.0)}
 
 
 def test_shards_merge_into_one_gradebook(tmp_path: Path) -> None:

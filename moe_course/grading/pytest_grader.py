@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .autograde.limits import Limits, add_options, from_options
-from .grade import NotebookError, Submission, find_submissions, read_cells, write_gradebook
+from .grade import NotebookError, Submission, discover, read_cells, write_gradebook
 from .probe import CheckFailure
 from .registry import Exercise
 from .runner import judge_probe
@@ -216,10 +216,15 @@ class GraderSession:
             raise pytest.UsageError("--require-isolation: walls are down on this machine: "
                                     + "; ".join(self.isolation.down))
         try:
-            self.submissions = find_submissions(config.getoption("submission"),
-                                                config.getoption("grader_assignment"))
+            self.submissions, skipped = discover(config.getoption("submission"),
+                                                 config.getoption("grader_assignment"))
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
+        self.skipped = [{"path": s.path, "reason": s.reason} for s in skipped]
+        more = config.getoption("grader_skipped")
+        if more:
+            with open(more, encoding="utf-8") as f:
+                self.skipped += json.load(f)
         self.results: dict[str, dict[str, Any]] = {}
 
     def _controller_of_workers(self) -> bool:
@@ -275,7 +280,8 @@ class GraderSession:
                 for ex in sub.exercises if ex.kind == "written"]})
         write_gradebook(out, graded, extra={"limits": self.limits.to_dict(),
                                             "isolation": self.isolation.walls,
-                                            "walls_down": list(self.isolation.down)})
+                                            "walls_down": list(self.isolation.down)},
+                        skipped=self.skipped)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -286,6 +292,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--grades-out", default=None, metavar="DIR",
                     help="write grades.csv, grades.json and feedback/ there at the end")
     add_options(group.addoption, "grader-")
+    group.addoption("--grader-skipped", default=None, metavar="FILE",
+                    help="a JSON list of notebooks found but not graded ({path, reason}), "
+                         "for the gradebook")
     group.addoption("--require-isolation", action="store_true", default=False,
                     help="refuse to grade where any wall of the sandbox is down")
     group.addoption("--grader-assignment", default=None, metavar="NAME",
