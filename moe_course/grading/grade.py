@@ -109,9 +109,17 @@ def read_cells(path: Path, limit: int = NOTEBOOK_LIMIT) -> list[Cell]:
         grading = meta.get("nbgrader") if isinstance(meta, dict) else None
         grading = grading if isinstance(grading, dict) else {}
         grade_id = grading.get("grade_id")
-        cells.append(Cell(index=index, source=source,
-                          grade_id=grade_id if isinstance(grade_id, str) else None,
-                          tests=bool(grading.get("grade")) and not grading.get("solution")))
+        grade_id = grade_id if isinstance(grade_id, str) else None
+        tests = bool(grading.get("grade")) and not grading.get("solution")
+        answer = EXERCISES.get(grade_id or "")
+        tampered = None
+        if tests and answer is not None and answer.grade_id == grade_id:
+            tampered = (f"the nbgrader metadata of the answer cell {grade_id} was changed to "
+                        "grade: true, solution: false (a tests cell, which the grader never "
+                        "runs): tampering, so this exercise scores 0; restore the cell from "
+                        "the release")
+        cells.append(Cell(index=index, source=source, grade_id=grade_id, tests=tests,
+                          tampered=tampered))
     return cells
 
 

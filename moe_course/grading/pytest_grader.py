@@ -186,7 +186,10 @@ class ExerciseItem(pytest.Item):
     def runtest(self) -> None:
         node: SubmissionNode = self.parent  # type: ignore[assignment]
         run, problem = node.sandbox_run()
-        result = judge_exercise(self.exercise, run, problem)
+        tampered = [c.tampered for c in node._cells
+                    if c.tampered and c.grade_id == self.exercise.grade_id]
+        result = judge_exercise(self.exercise, run, problem or (tampered[0] if tampered
+                                                                else None))
         result["worker"] = os.environ.get("PYTEST_XDIST_WORKER", "main")
         self.user_properties.append((PROPERTY, json.dumps({**node.summary(), **result})))
         if result["status"] != "passed":

@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,8 +56,19 @@ import torch
 
 from .autograde import walls
 from .autograde.limits import Limits
+from .autograde.protocol import (
+    CELL,
+    CELL_STEP,
+    DONE,
+    END,
+    FRAME_HEADER,
+    HANG,
+    PROBE,
+    PROBE_STEP,
+    READY,
+    START,
+)
 from .registry import Exercise
-from .sandbox_worker import FRAME_HEADER
 
 WORKER = "moe_course.grading.sandbox_worker"
 
@@ -70,6 +81,7 @@ class Cell:
     source: str  # the code as submitted
     grade_id: str | None = None  # nbgrader grade_id, when the cell has one
     tests: bool = False  # an nbgrader tests cell (graded, not an answer): never executed
+    tampered: str | None = None  # why its nbgrader metadata is not what the release gave
 
 
 @dataclass
@@ -115,13 +127,13 @@ def plan(cells: Sequence[Cell], exercises: Sequence[Exercise]) -> list[dict[str,
         if exercise is not None:
             if exercise.grade_id not in probed:
                 probed.add(exercise.grade_id)
-                steps.append({"kind": "probe", "grade_id": exercise.grade_id})
+                steps.append({"kind": PROBE_STEP, "grade_id": exercise.grade_id})
         elif not cell.tests:
-            steps.append({"kind": "cell", "index": cell.index, "source": cell.source,
+            steps.append({"kind": CELL_STEP, "index": cell.index, "source": cell.source,
                           "grade_id": cell.grade_id})
-    steps += [{"kind": "probe", "grade_id": ex.grade_id} for ex in by_tests.values()
+    steps += [{"kind": PROBE_STEP, "grade_id": ex.grade_id} for ex in by_tests.values()
               if ex.grade_id not in probed]
-    while steps and steps[-1]["kind"] == "cell":
+    while steps and steps[-1]["kind"] == CELL_STEP:
         steps.pop()
     return steps
 
@@ -140,18 +152,25 @@ def run_sandboxed(cells: Sequence[Cell], exercises: Sequence[Exercise], limits: 
     steps = plan(cells, exercises)
     result = SandboxRun(probes={ex.grade_id: {} for ex in exercises})
     skip: set[int] = set()
+    hanging: set[tuple] = set()  # learner functions that hung: later runs skip their calls
     start = time.monotonic()
     last_reason = ""
     for _ in range(limits.attempts):
+        if time.monotonic() - start >= limits.budget:
+            last_reason = f"the notebook used up its {limits.budget:g} s time budget"
+            break
         order = [k for k, s in enumerate(steps) if k not in skip and not (
-            s["kind"] == "probe" and _complete(result, by_id[s["grade_id"]]))]
-        if not any(steps[k]["kind"] == "probe" for k in order):
+            s["kind"] == PROBE_STEP and _complete(result, by_id[s["grade_id"]]))]
+        if not any(steps[k]["kind"] == PROBE_STEP for k in order):
             break
         job_inputs = {f"{steps[k]['grade_id']}::{p.name}": inputs(by_id[steps[k]["grade_id"]], p)
-                      for k in order if steps[k]["kind"] == "probe"
+                      for k in order if steps[k]["kind"] == PROBE_STEP
                       for p in _probes(by_id[steps[k]["grade_id"]])}
         attempt = _Attempt(steps, order, job_inputs, by_id, limits, _own_folder(submission))
+        attempt.hanging = sorted(hanging)
+        attempt.until = start + limits.budget
         attempt.run()
+        hanging |= attempt.learned
         result.attempts += 1
         result.walls = attempt.walls or result.walls
         for k in attempt.cells_run:  # the latest run of a cell says how it went
@@ -168,7 +187,7 @@ def run_sandboxed(cells: Sequence[Cell], exercises: Sequence[Exercise], limits: 
             break
         k, last_reason = attempt.culprit, attempt.reason
         skip.add(k)
-        if steps[k]["kind"] == "cell":
+        if steps[k]["kind"] == CELL_STEP:
             result.stopped.add(steps[k]["index"])
             result.cell_errors[steps[k]["index"]] = (f"{last_reason}; the grader ran the rest "
                                                      "of the notebook without this cell")
@@ -532,6 +551,10 @@ class _Attempt:
         self.cells_run: set[int] = set()  # cell steps that finished, with or without error
         self.stopped: set[int] = set()  # cell steps interrupted for running too long
         self.walls: dict[str, Any] = {}
+        self.hanging: list[tuple] = []  # learner functions known to hang (for the job)
+        self.learned: set[tuple] = set()  # functions found hanging in this run
+        self.where: dict[int, list] = {}  # step -> where it was when it neared the limit
+        self.until = float("inf")  # when the notebook's time budget runs out
         self.culprit: int | None = None  # the step blamed for ending the run early
         self.reason = ""
         self.failure: str | None = None
@@ -557,9 +580,11 @@ class _Attempt:
                 "run": self.order, "inputs": self.inputs,
                 "assignment": next(iter(self.exercises.values())).assignment,
                 "submission": self.submission, "ids": list(ids) if ids else None,
+                "hanging": [list(h) for h in self.hanging],
                 "limits": {"memory_mb": self.limits.memory_mb, "file_mb": self.limits.file_mb,
                            "cpu_s": int(self.limits.timeout * n_steps + self.limits.startup),
-                           "open_files": self.limits.open_files, "nproc": nproc}}
+                           "open_files": self.limits.open_files, "nproc": nproc,
+                           "timeout": self.limits.timeout}}
 
     def _start_and_follow(self, private: str, folder: str) -> None:
         job_path, log_path = os.path.join(private, "job.pt"), os.path.join(private, "log")
@@ -582,104 +607,143 @@ class _Attempt:
                 self.failure += "\n" + f.read(self.limits.log_bytes).decode("utf-8", "replace")
 
     def _follow(self, worker: _Worker, read_fd: int) -> None:
+        """Read the worker's frames until it ends, exits or runs past a deadline; in named
+        steps: `_read` a chunk, `_frames` in it, `_on_frame` for each, then `_exited` and
+        `_overdue` (which interrupts, or blames the step in progress)."""
         limits = self.limits
-        buffer, total = bytearray(), 0
-        queue = list(self.order)  # steps still to start
-        current: int | None = None  # step started and not yet done
-        ready, ended, interrupted, eof = False, False, False, False
-        seen: set[str] = set()
-        deadline = time.monotonic() + max(limits.startup, limits.timeout)
-        hard_stop = deadline + limits.timeout * (len(queue) + 1)
+        self.buffer, self.total, self.eof = bytearray(), 0, False
+        self.queue = list(self.order)  # steps still to start
+        self.current: int | None = None  # step started and not yet done
+        self.ready = self.ended = self.interrupted = False
+        self.seen: set[str] = set()
+        self.deadline = time.monotonic() + max(limits.startup, limits.timeout)
+        self.hard_stop = min(self.deadline + limits.timeout * (len(self.queue) + 1), self.until)
         os.set_blocking(read_fd, False)
         try:
-            while not ended:
-                wait = max(0.0, min(deadline, hard_stop) - time.monotonic())
-                waitable = worker.waitable()
-                fds = ([] if eof else [read_fd]) + ([waitable] if waitable is not None else [])
-                readable, _, _ = select.select(fds, [], [], min(wait, 0.25))
-                chunk = b""
-                if read_fd in readable:
-                    try:
-                        chunk = os.read(read_fd, 1 << 20)
-                        eof = not chunk  # every writer closed the pipe
-                    except BlockingIOError:
-                        chunk = b""
-                    total += len(chunk)
-                    if total > limits.result_mb << 20:
-                        raise _Violation(f"more than {limits.result_mb} MiB of results")
-                    buffer += chunk
-                while len(buffer) >= FRAME_HEADER.size and not ended:
-                    (size,) = FRAME_HEADER.unpack_from(buffer)
-                    if size > limits.result_mb << 20:
-                        raise _Violation("a frame larger than the result limit")
-                    if len(buffer) < FRAME_HEADER.size + size:
-                        break
-                    data = bytes(buffer[FRAME_HEADER.size:FRAME_HEADER.size + size])
-                    del buffer[:FRAME_HEADER.size + size]
-                    message = load_frame(data, self.nonce)
-                    kind = message.get("type")
-                    if not ready:
-                        if kind != "ready":
-                            raise _Violation(f"a {kind!r} frame before 'ready'")
-                        ready = True
-                        self.walls = {k: v for k, v in dict(message.get("walls", {})).items()
-                                      if isinstance(v, (bool, int))}
-                        lost = walls.fewer(self.walls, self.isolation.walls)
-                        if lost:
-                            self.failure = ("the sandbox came up with fewer walls than the "
-                                            f"grader announced ({', '.join(lost)}): not graded")
-                            return
-                    elif kind == "start":
-                        if current is not None or not queue or message.get("step") != queue[0]:
-                            raise _Violation("a step started out of order")
-                        current = queue.pop(0)
-                        interrupted, seen = False, set()
-                    elif kind == "end" and current is None and not queue:
-                        ended = True
-                    elif current is None or message.get("step") != current:
-                        raise _Violation(f"a {kind!r} frame outside its step")
-                    elif self._record(current, kind, message, seen, interrupted):
-                        current = None
-                    if kind in ("ready", "start") or current is None:
-                        deadline = time.monotonic() + limits.timeout
-                if ended:
+            while not self.ended:
+                chunk, readable, waitable = self._read(worker, read_fd)
+                for message in self._frames():
+                    self._on_frame(message)
+                    if self.failure is not None:
+                        return
+                if self.ended:
                     break
-                if not chunk and (waitable is None or waitable in readable):
-                    code = worker.exited()
-                    if code is not None:
-                        if not ready:
-                            self.failure = f"the grader's sandbox did not start (exit {code})"
-                        else:
-                            self._blame(current, queue, _describe_exit(code))
-                        return
-                now = time.monotonic()
-                if now >= hard_stop:
-                    self._blame(current, queue, "ran past the time limit of the whole run")
+                if not chunk and (waitable is None or waitable in readable) and \
+                        self._exited(worker):
                     return
-                if now >= deadline:
-                    if not ready:
-                        self.failure = "the grader's sandbox did not start in time"
-                        return
-                    if current is None or interrupted:
-                        self._blame(current, queue, f"ran past the {limits.timeout:g} s time "
-                                                    "limit and could not be interrupted")
-                        return
-                    interrupted = True
-                    try:
-                        os.kill(worker.pid, signal.SIGINT)
-                    except ProcessLookupError:
-                        pass
-                    deadline = now + min(limits.grace, limits.timeout)
+                if self._overdue(worker):
+                    return
         except _Violation as violation:
-            self._blame(current, queue, f"broke the grader's reporting protocol ({violation})")
+            self._blame(self.current, self.queue,
+                        f"broke the grader's reporting protocol ({violation})")
+
+    def _read(self, worker: _Worker, read_fd: int) -> tuple[bytes, list, int | None]:
+        """Wait for data or the worker's exit (until the nearer deadline); read a chunk."""
+        wait = max(0.0, min(self.deadline, self.hard_stop) - time.monotonic())
+        waitable = worker.waitable()
+        fds = ([] if self.eof else [read_fd]) + ([waitable] if waitable is not None else [])
+        readable, _, _ = select.select(fds, [], [], min(wait, 0.25))
+        chunk = b""
+        if read_fd in readable:
+            try:
+                chunk = os.read(read_fd, 1 << 20)
+                self.eof = not chunk  # every writer closed the pipe
+            except BlockingIOError:
+                chunk = b""
+            self.total += len(chunk)
+            if self.total > self.limits.result_mb << 20:
+                raise _Violation(f"more than {self.limits.result_mb} MiB of results")
+            self.buffer += chunk
+        return chunk, readable, waitable
+
+    def _frames(self) -> Iterator[dict[str, Any]]:
+        """The complete frames in the buffer, loaded weights-only."""
+        while len(self.buffer) >= FRAME_HEADER.size and not self.ended:
+            (size,) = FRAME_HEADER.unpack_from(self.buffer)
+            if size > self.limits.result_mb << 20:
+                raise _Violation("a frame larger than the result limit")
+            if len(self.buffer) < FRAME_HEADER.size + size:
+                return
+            data = bytes(self.buffer[FRAME_HEADER.size:FRAME_HEADER.size + size])
+            del self.buffer[:FRAME_HEADER.size + size]
+            yield load_frame(data, self.nonce)
+
+    def _on_frame(self, message: dict[str, Any]) -> None:
+        """One frame, checked against the protocol's order (`autograde.protocol`)."""
+        kind = message.get("type")
+        if kind == HANG and self.ready:
+            if message.get("step") == self.current and isinstance(message.get("where"), list):
+                self.where[self.current] = message["where"]
+            return
+        if not self.ready:
+            if kind != READY:
+                raise _Violation(f"a {kind!r} frame before 'ready'")
+            self.ready = True
+            self.walls = {k: v for k, v in dict(message.get("walls", {})).items()
+                          if isinstance(v, (bool, int))}
+            lost = walls.fewer(self.walls, self.isolation.walls)
+            if lost:
+                self.failure = ("the sandbox came up with fewer walls than the grader "
+                                f"announced ({', '.join(lost)}): not graded")
+                return
+        elif kind == START:
+            if self.current is not None or not self.queue or \
+                    message.get("step") != self.queue[0]:
+                raise _Violation("a step started out of order")
+            self.current = self.queue.pop(0)
+            self.interrupted, self.seen = False, set()
+        elif kind == END and self.current is None and not self.queue:
+            self.ended = True
+        elif self.current is None or message.get("step") != self.current:
+            raise _Violation(f"a {kind!r} frame outside its step")
+        elif self._record(self.current, kind, message, self.seen, self.interrupted):
+            self.current = None
+        if kind in (READY, START) or self.current is None:
+            self.deadline = time.monotonic() + self.limits.timeout
+
+    def _exited(self, worker: _Worker) -> bool:
+        """Whether the worker has exited (then the step in progress is blamed)."""
+        code = worker.exited()
+        if code is None:
+            return False
+        if not self.ready:
+            self.failure = f"the grader's sandbox did not start (exit {code})"
+        else:
+            self._blame(self.current, self.queue, _describe_exit(code))
+        return True
+
+    def _overdue(self, worker: _Worker) -> bool:
+        """Past a deadline: interrupt the step (SIGINT), or, when it is still running
+        after the grace period, blame it; True when this run is over."""
+        now, limits = time.monotonic(), self.limits
+        if now >= self.hard_stop:
+            self._blame(self.current, self.queue, "ran past the time budget of the notebook"
+                        if now >= self.until else "ran past the time limit of the whole run")
+            return True
+        if now < self.deadline:
+            return False
+        if not self.ready:
+            self.failure = "the grader's sandbox did not start in time"
+            return True
+        if self.current is None or self.interrupted:
+            self._blame(self.current, self.queue, f"ran past the {limits.timeout:g} s time "
+                                                  "limit and could not be interrupted")
+            return True
+        self.interrupted = True
+        try:
+            os.kill(worker.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+        self.deadline = now + min(limits.grace, limits.timeout)
+        return False
 
     def _record(self, k: int, kind: str, message: dict[str, Any], seen: set[str],
                 interrupted: bool) -> bool:
         """Record a frame of step `k`; True when the step is done."""
         step = self.steps[k]
         overrun = f"ran past the {self.limits.timeout:g} s time limit and was interrupted"
-        if step["kind"] == "cell":
-            if kind != "cell":
+        if step["kind"] == CELL_STEP:
+            if kind != CELL:
                 raise _Violation(f"a {kind!r} frame in a cell step")
             self.cells_run.add(k)
             error = message.get("error")
@@ -691,12 +755,12 @@ class _Attempt:
             return True
         exercise = self.exercises[step["grade_id"]]
         names = [p.name for p in _probes(exercise)]
-        if kind == "done":
+        if kind == DONE:
             if len(seen) != len(names):
                 raise _Violation("a check step done before all its checks")
             return True
         name = message.get("probe")
-        if kind != "probe" or name not in names or name in seen:
+        if kind != PROBE or name not in names or name in seen:
             raise _Violation("an unexpected check")
         seen.add(name)
         error = message.get("error")
@@ -713,3 +777,7 @@ class _Attempt:
         if culprit is None:
             return
         self.culprit, self.reason = culprit, reason
+        functions = [w for w in self.where.get(culprit, []) if isinstance(w, list)
+                     and len(w) == 3 and w[1] != "<module>"]
+        if functions:  # it hung inside a learner function: later runs skip its calls
+            self.learned.add(tuple(functions[-1]))

@@ -34,13 +34,22 @@ import io
 import os
 import shlex
 import signal
-import struct
 import sys
 import types
 from collections.abc import Callable
 from typing import Any
 
-FRAME_HEADER = struct.Struct(">Q")  # length of the payload that follows, in bytes
+from .autograde.protocol import (
+    CELL,
+    CELL_STEP,
+    DONE,
+    END,
+    FRAME_HEADER,
+    HANG,
+    PROBE,
+    READY,
+    START,
+)
 
 # ----------------------------------------------------------------------------------------
 # Tripwires: the exercise's own reference trips while that exercise is being checked.
@@ -293,112 +302,260 @@ class _Interrupted(BaseException):
     """The grader's SIGINT arrived while the worker itself (not learner code) was running."""
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``python -m moe_course.grading.sandbox_worker RESULT_FD``."""
-    argv = sys.argv[1:] if argv is None else argv
-    out_fd = int(argv[0])
-    write, exit_now = os.write, os._exit
-    import torch
+class HangSkipped(TimeoutError):
+    """A call of a learner function that ran past the time limit before: not run again."""
 
-    torch.set_num_threads(1)
-    save, load = torch.save, torch.load
-    with io.FileIO(0, closefd=False) as stdin:
-        job = load(io.BytesIO(stdin.readall()), weights_only=True)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)  # the job (nonce included) cannot be read again
-    os.close(null)
-    nonce, folder = job["nonce"], job["folder"]
-    apply_limits(job["limits"])
 
-    def send(message: dict[str, Any]) -> None:
+def _stub(fn: types.FunctionType, message: str) -> None:
+    """Make `fn` (in place, so every alias sees it) raise HangSkipped instead of running."""
+    free = fn.__code__.co_freevars
+    lines = ["def outer():", *(f"    {v} = None" for v in free),
+             "    def stub(*args, **kwargs):",
+             *([f"        {', '.join(free)}"] if free else []),
+             f"        raise HangSkipped({message!r})", "    return stub"]
+    source = "\n".join(lines) + "\n"
+    scope: dict[str, Any] = {"HangSkipped": HangSkipped}
+    exec(compile(source, "<hang stub>", "exec"), scope)
+    stub = scope["outer"]().__code__
+    fn.__globals__.setdefault("HangSkipped", HangSkipped)
+    fn.__code__ = stub.replace(co_name=fn.__code__.co_name)
+
+
+class _Run:
+    """One job, in named steps: read it, set up reporting, prepare the grader's side, wall
+    the process in, then run each step (a cell, or an exercise's probes) and report."""
+
+    def __init__(self, out_fd: int) -> None:
+        import threading
+
+        import torch
+
+        torch.set_num_threads(1)
+        self.out_fd = out_fd
+        self.write, self.exit_now, self.save = os.write, os._exit, torch.save
+        self.frames = sys._current_frames
+        self.main_thread = threading.get_ident()
+        self.lock = threading.Lock()
+        self.job = self._read_job(torch.load)
+        self.nonce, self.folder = self.job["nonce"], self.job["folder"]
+        self.in_learner = [False]
+        self.sigint = [False]  # the grader's SIGINT came during the current step
+        self.step: list[Any] = [None, 0.0]  # the step running now, and since when
+        self.sampled: dict[int, list[list[Any]]] = {}  # step -> where it hung
+        self.hanging = {tuple(h) for h in self.job.get("hanging", [])}
+        self.cell_errors: dict[str, str] = {}
+
+    @staticmethod
+    def _read_job(load: Callable[..., Any]) -> dict[str, Any]:
+        with io.FileIO(0, closefd=False) as stdin:
+            job = load(io.BytesIO(stdin.readall()), weights_only=True)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)  # the job (nonce included) cannot be read again
+        os.close(null)
+        return job
+
+    def send(self, message: dict[str, Any]) -> None:
         buffer = io.BytesIO()
-        save({**message, "nonce": nonce}, buffer)
+        self.save({**message, "nonce": self.nonce}, buffer)
         data = buffer.getvalue()
         payload = FRAME_HEADER.pack(len(data)) + data
-        while payload:
-            try:
-                payload = payload[write(out_fd, payload):]
-            except InterruptedError:
-                continue
-            except OSError:
-                exit_now(3)  # the result pipe is gone: nothing more can be reported
+        with self.lock:
+            while payload:
+                try:
+                    payload = payload[self.write(self.out_fd, payload):]
+                except InterruptedError:
+                    continue
+                except OSError:
+                    self.exit_now(3)  # the result pipe is gone: nothing more to report
 
-    import matplotlib
+    def prepare(self) -> None:
+        """Imports, the registry's exercises (taken before any learner code runs, so that
+        a cell that rewrites the registry changes nothing) and the tripwires."""
+        import matplotlib
 
-    matplotlib.use("Agg")
-    from .registry import exercises_for
-    from .runner import run_probe
+        matplotlib.use("Agg")
+        from .registry import exercises_for
+        from .runner import run_probe
 
-    # Taken before any learner code runs: a cell that rewrites the registry changes nothing.
-    exercises = {ex.grade_id: ex for ex in exercises_for(job["assignment"])
-                 if ex.kind != "written"}
-    install_tripwires(list(exercises.values()))
-    probes = {gid: tuple(ex.visible + ex.hidden) for gid, ex in exercises.items()}
-    in_learner = [False]
+        self.run_probe = run_probe
+        self.exercises = {ex.grade_id: ex for ex in exercises_for(self.job["assignment"])
+                          if ex.kind != "written"}
+        install_tripwires(list(self.exercises.values()))  # the only use of tripwires here
+        self.probes = {gid: tuple(ex.visible + ex.hidden)
+                       for gid, ex in self.exercises.items()}
 
-    def on_sigint(signum: int, frame: Any) -> None:
-        if in_learner[0]:
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.sigint[0] = True
+        if self.in_learner[0]:
             raise KeyboardInterrupt
         raise _Interrupted
 
-    signal.signal(signal.SIGINT, on_sigint)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full log fails writes, not the process
-    sys.path[0] = folder  # like a kernel: files written next to the notebook import
-    ids = job.get("ids")
-    walls = install_walls(folder, job.get("submission"), tuple(ids) if ids else None)
-    send({"type": "ready", "walls": walls})
-    sys.stdout, sys.stderr = _Sink(1), _Sink(2)
-    ns = _namespace()
-    steps, inputs, cell_errors = job["steps"], job["inputs"], {}
-    for k in job["run"]:
-        step = steps[k]
-        send({"type": "start", "step": k})
-        if step["kind"] == "cell":
-            error = None
+    def wall_in(self) -> dict[str, Any]:
+        signal.signal(signal.SIGINT, self._on_sigint)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full log fails writes, not us
+        sys.path[0] = self.folder  # like a kernel: files written next to the notebook import
+        ids = self.job.get("ids")
+        return install_walls(self.folder, self.job.get("submission"),
+                             tuple(ids) if ids else None)
+
+    def _watch(self) -> None:
+        """A thread: when a step nears the time limit, report where the learner's code is
+        (the grader interrupts it then, and may have to kill it)."""
+        import time
+
+        timeout = float(self.job["limits"].get("timeout", 60.0))
+        while True:
+            time.sleep(min(0.1, timeout / 20))
+            k, since = self.step
+            if k is None or k in self.sampled or time.monotonic() - since < timeout * 0.9:
+                continue
+            frame = self.frames().get(self.main_thread)
+            where: list[list[Any]] = []
+            while frame is not None:
+                code = frame.f_code
+                if code.co_filename.startswith("<cell "):
+                    where.append([code.co_filename[6:-1], code.co_name, code.co_firstlineno])
+                frame = frame.f_back
+            where.reverse()
+            self.sampled[k] = where
             try:
-                in_learner[0] = True
-                code = compile(_transform(step["source"]), f"<cell {step['index']}>", "exec")
-                exec(code, ns)
-            except BaseException as exc:  # noqa: B036 -- SystemExit too ends only the cell
-                error = describe_exception(exc)
-            finally:
-                in_learner[0] = False
-            _close_figures()
-            if error and step.get("grade_id"):
-                cell_errors[step["grade_id"]] = error
-            send({"type": "cell", "step": k, "error": error})
-            continue
-        exercise = exercises[step["grade_id"]]
+                self.send({"type": HANG, "step": k, "where": where})
+            except Exception:
+                pass
+
+    def _skip_hanging(self, ns: dict[str, Any]) -> None:
+        """Learner functions that hung before raise HangSkipped instead of running again."""
+        for value in list(ns.values()):
+            candidates = [value]
+            if isinstance(value, type):
+                candidates = list(vars(value).values())
+            for fn in candidates:
+                fn = getattr(fn, "__func__", fn)
+                fn = getattr(fn, "__wrapped__", fn)
+                if not isinstance(fn, types.FunctionType):
+                    continue
+                code = fn.__code__
+                key = (code.co_filename[6:-1], code.co_name, code.co_firstlineno)
+                if code.co_filename.startswith("<cell ") and key in self.hanging:
+                    _stub(fn, f"{code.co_name} (cell {key[0]}) ran past the grader's time "
+                              "limit earlier, so the grader does not run it again")
+
+    def _learned_hang(self, k: int, ns: dict[str, Any]) -> None:
+        """After step `k` was interrupted: the innermost learner function it hung in (if
+        any) is skipped from now on."""
+        where = self.sampled.get(k) or []
+        functions = [w for w in where if w[1] != "<module>"]
+        if functions:
+            self.hanging.add(tuple(functions[-1]))
+            self._skip_hanging(ns)
+
+    def run_cell(self, k: int, step: dict[str, Any], ns: dict[str, Any]) -> None:
+        error = None
+        try:
+            self.in_learner[0] = True
+            code = compile(_transform(step["source"]), f"<cell {step['index']}>", "exec")
+            exec(code, ns)
+        except BaseException as exc:  # noqa: B036 -- SystemExit too ends only the cell
+            error = describe_exception(exc)
+        finally:
+            self.in_learner[0] = False
+        _close_figures()
+        if error and step.get("grade_id"):
+            self.cell_errors[step["grade_id"]] = error
+        self.send({"type": CELL, "step": k, "error": error})
+
+    def run_probes(self, k: int, step: dict[str, Any], ns: dict[str, Any]) -> None:
+        exercise = self.exercises[step["grade_id"]]
         obj = ns.get(exercise.symbol, _MISSING)
         skip_rest = None
-        for probe in probes[exercise.grade_id]:
+        for probe in self.probes[exercise.grade_id]:
             outputs, error = None, skip_rest
             if error is None and obj is _MISSING:
-                error = _missing(exercise, cell_errors.get(exercise.grade_id))
+                error = _missing(exercise, self.cell_errors.get(exercise.grade_id))
             elif error is None:
                 _PROBING[0] = exercise.grade_id
-                in_learner[0] = True
+                self.in_learner[0] = True
                 try:
-                    outputs = run_probe(exercise, probe, obj, inputs[f"{exercise.grade_id}::"
-                                                                     f"{probe.name}"])
-                except KeyboardInterrupt:
-                    error = "interrupted: it ran past the grader's time limit"
-                    skip_rest = "not run: an earlier check ran past the time limit"
+                    outputs = self.run_probe(exercise, probe, obj, self.job["inputs"][
+                        f"{exercise.grade_id}::{probe.name}"])
+                except KeyboardInterrupt as exc:
+                    if self.sigint[0]:  # the grader's, at the time limit
+                        error = "interrupted: it ran past the grader's time limit"
+                        skip_rest = "not run: an earlier check ran past the time limit"
+                    else:  # raised by the learner's own code
+                        error = _probe_error(exercise, exc)
                 except BaseException as exc:  # noqa: B036 -- CheckFailure, SystemExit, ...
                     error = _probe_error(exercise, exc)
                 finally:
-                    in_learner[0] = False
+                    self.in_learner[0] = False
                     _PROBING[0] = None
             try:
-                send({"type": "probe", "step": k, "probe": probe.name, "outputs": outputs,
-                      "error": error})
+                self.send({"type": PROBE, "step": k, "probe": probe.name,
+                           "outputs": bounded(outputs), "error": error})
             except Exception as exc:  # outputs that torch.save cannot write
-                send({"type": "probe", "step": k, "probe": probe.name, "outputs": None,
-                      "error": f"its result could not be sent to the grader "
-                               f"({describe_exception(exc)})"})
-        send({"type": "done", "step": k})
-    send({"type": "end"})
-    exit_now(0)
+                self.send({"type": PROBE, "step": k, "probe": probe.name, "outputs": None,
+                           "error": f"its result could not be sent to the grader "
+                                    f"({describe_exception(exc)})"})
+        self.send({"type": DONE, "step": k})
+
+    def run(self) -> None:
+        import threading
+        import time
+
+        apply_limits(self.job["limits"])
+        self.prepare()
+        walls = self.wall_in()
+        self.send({"type": READY, "walls": walls})
+        threading.Thread(target=self._watch, daemon=True, name="grader-watch").start()
+        sys.stdout, sys.stderr = _Sink(1), _Sink(2)
+        ns = _namespace()
+        steps = self.job["steps"]
+        for k in self.job["run"]:
+            step = steps[k]
+            self.sigint[0] = False
+            self.step[:] = [k, time.monotonic()]
+            self.send({"type": START, "step": k})
+            if step["kind"] == CELL_STEP:
+                self.run_cell(k, step, ns)
+            else:
+                self.run_probes(k, step, ns)
+            self.step[:] = [None, 0.0]
+            if self.sigint[0]:
+                self._learned_hang(k, ns)
+            if self.hanging:
+                self._skip_hanging(ns)
+        self.send({"type": END})
+        self.exit_now(0)
+
+
+def bounded(value: Any, depth: int = 0) -> Any:
+    """Outputs that the grader can read back: an int beyond 64 bits becomes a description
+    (which every judge refuses as a wrong value), so does anything nested too deeply.
+
+    >>> bounded({"n": 10 ** 30, "ok": [1, 2.5]})["n"]["type"]
+    'int'
+    """
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        if -(1 << 63) <= value < (1 << 63):
+            return value
+        return {"kind": "object", "type": "int",
+                "repr": f"an integer of {value.bit_length()} bits"}
+    if depth > 8:
+        return {"kind": "object", "type": "nesting", "repr": "too deeply nested"}
+    if isinstance(value, dict):
+        return {k: bounded(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(bounded(v, depth + 1) for v in value) \
+            if type(value) in (list, tuple) else [bounded(v, depth + 1) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: ``python -m moe_course.grading.sandbox_worker RESULT_FD``."""
+    argv = sys.argv[1:] if argv is None else argv
+    _Run(int(argv[0])).run()
 
 
 _MISSING = object()
