@@ -153,6 +153,7 @@ def run_sandboxed(cells: Sequence[Cell], exercises: Sequence[Exercise], limits: 
     result = SandboxRun(probes={ex.grade_id: {} for ex in exercises})
     skip: set[int] = set()
     hanging: set[tuple] = set()  # learner functions that hung: later runs skip their calls
+    retried: set[int] = set()  # steps run again after the function they hung in was found
     start = time.monotonic()
     last_reason = ""
     for _ in range(limits.attempts):
@@ -170,6 +171,7 @@ def run_sandboxed(cells: Sequence[Cell], exercises: Sequence[Exercise], limits: 
         attempt.hanging = sorted(hanging)
         attempt.until = start + limits.budget
         attempt.run()
+        new_hang = bool(attempt.learned - hanging)
         hanging |= attempt.learned
         result.attempts += 1
         result.walls = attempt.walls or result.walls
@@ -186,6 +188,11 @@ def run_sandboxed(cells: Sequence[Cell], exercises: Sequence[Exercise], limits: 
         if attempt.culprit is None:
             break
         k, last_reason = attempt.culprit, attempt.reason
+        if new_hang and k not in retried:
+            # It hung inside a learner function, which the next sandbox skips: run the step
+            # again (once), so that what it does besides that call still counts.
+            retried.add(k)
+            continue
         skip.add(k)
         if steps[k]["kind"] == CELL_STEP:
             result.stopped.add(steps[k]["index"])

@@ -293,54 +293,79 @@ def read_paths(folder: str, submission: str | None = None) -> list[str]:
     return paths
 
 
-def landlock(folder: str, reads: Iterable[str], private_network: bool
+def open_rules(folder: str, reads: Iterable[str]) -> list[tuple[str, int, int | None]]:
+    """(path, wanted access, an O_PATH descriptor or None) for each Landlock rule, opened
+    while the process still has the identity it started with, so that a rule never fails
+    because the sandbox's own uid cannot look at a path (it cannot read it either way)."""
+    opened = []
+    for path, access in [(folder, -1), (os.devnull, FS_WRITE_FILE | READ | FS_TRUNCATE),
+                         *((path, READ) for path in reads)]:
+        try:
+            fd: int | None = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError as exc:
+            print(f"Landlock rule for {path} not applied: {exc.strerror}", file=sys.stderr)
+            fd = None
+        opened.append((path, access, fd))
+    return opened
+
+
+def landlock(rules: list[tuple[str, int, int | None]], private_network: bool
              ) -> tuple[int, int, bool]:
-    """Enforce Landlock; (ABI in force or 0, rules that failed to apply, reads walled)."""
+    """Enforce Landlock with `open_rules`'s rules (access -1: everything but execute);
+    (ABI in force or 0, rules that failed to apply, reads walled). Closes the descriptors."""
     lib = libc()
     abi = landlock_abi(lib)
-    if abi < 1:
-        return 0, 0, False
-    fs = sum(bits for version, bits in LANDLOCK_FS_BY_ABI.items() if version <= abi)
-    net = (NET_BIND_TCP | NET_CONNECT_TCP) if abi >= 4 and not private_network else 0
-    scoped = (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if abi >= 6 else 0
-    size = 8 if abi < 4 else 16 if abi < 6 else 24
-    attr = ctypes.create_string_buffer(struct.pack("=QQQ", fs, net, scoped)[:size], size)
-    ruleset = lib.syscall(LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(size),
-                          ctypes.c_uint32(0))
-    if ruleset < 0:
-        return 0, 0, False
-    failed = 0
-    rules = [(folder, fs & ~FS_EXECUTE), (os.devnull, FS_WRITE_FILE | READ
-                                          | (FS_TRUNCATE if abi >= 3 else 0))]
-    rules += [(path, READ) for path in reads]
     try:
-        for path, access in rules:
-            try:
-                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            except OSError as exc:
-                failed += 1
-                print(f"Landlock rule for {path} not applied: {exc.strerror}", file=sys.stderr)
-                continue
-            if not stat.S_ISDIR(os.fstat(fd).st_mode):
-                access &= ~FS_READ_DIR & ~FS_REMOVE_DIR & ~FS_MAKE_CHAR & ~FS_MAKE_DIR & \
-                    ~FS_MAKE_REG & ~FS_MAKE_SOCK & ~FS_MAKE_FIFO & ~FS_MAKE_BLOCK & \
-                    ~FS_MAKE_SYM & ~FS_REFER & ~FS_REMOVE_FILE
-            rule = ctypes.create_string_buffer(struct.pack("=Qi", access & fs, fd), 12)
-            done = lib.syscall(LANDLOCK_ADD_RULE, ctypes.c_int(ruleset),
-                               ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), rule,
-                               ctypes.c_uint32(0))
-            os.close(fd)
-            if done != 0:
-                failed += 1
-                print(f"Landlock rule for {path} not applied: "
-                      f"{os.strerror(ctypes.get_errno())}", file=sys.stderr)
-        if lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            return 0, failed, False
-        if lib.syscall(LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:
-            return 0, failed, False
+        if abi < 1:
+            return 0, 0, False
+        fs = sum(bits for version, bits in LANDLOCK_FS_BY_ABI.items() if version <= abi)
+        net = (NET_BIND_TCP | NET_CONNECT_TCP) if abi >= 4 and not private_network else 0
+        scoped = (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if abi >= 6 else 0
+        size = 8 if abi < 4 else 16 if abi < 6 else 24
+        attr = ctypes.create_string_buffer(struct.pack("=QQQ", fs, net, scoped)[:size], size)
+        ruleset = lib.syscall(LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(size),
+                              ctypes.c_uint32(0))
+        if ruleset < 0:
+            return 0, 0, False
+        try:
+            failed = _add_rules(lib, ruleset, rules, fs)
+            if lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                return 0, failed, False
+            if lib.syscall(LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset),
+                           ctypes.c_uint32(0)) != 0:
+                return 0, failed, False
+        finally:
+            os.close(ruleset)
+        return int(abi), failed, True
     finally:
-        os.close(ruleset)
-    return int(abi), failed, True
+        for _, _, fd in rules:
+            if fd is not None:
+                os.close(fd)
+
+
+_FOLDER_ONLY = (FS_READ_DIR | FS_REMOVE_DIR | FS_REMOVE_FILE | FS_MAKE_CHAR | FS_MAKE_DIR
+                | FS_MAKE_REG | FS_MAKE_SOCK | FS_MAKE_FIFO | FS_MAKE_BLOCK | FS_MAKE_SYM
+                | FS_REFER)
+
+
+def _add_rules(lib: Any, ruleset: int, rules: list[tuple[str, int, int | None]],
+               fs: int) -> int:
+    """Add each rule on its own: one that fails is counted and reported, the rest stay."""
+    failed = 0
+    for path, access, fd in rules:
+        if fd is None:
+            failed += 1
+            continue
+        access = fs & ~FS_EXECUTE if access == -1 else access
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            access &= ~_FOLDER_ONLY
+        rule = ctypes.create_string_buffer(struct.pack("=Qi", access & fs, fd), 12)
+        if lib.syscall(LANDLOCK_ADD_RULE, ctypes.c_int(ruleset),
+                       ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), rule, ctypes.c_uint32(0)):
+            failed += 1
+            print(f"Landlock rule for {path} not applied: "
+                  f"{os.strerror(ctypes.get_errno())}", file=sys.stderr)
+    return failed
 
 
 # -- 4. seccomp ---------------------------------------------------------------------------------
@@ -421,7 +446,7 @@ def install(folder: str, submission: str | None = None, ids: tuple[int, int] | N
     walls.update(landlock=0, landlock_rules_failed=0)
     if not sys.platform.startswith("linux"):
         return walls
-    reads = read_paths(folder, submission)  # resolved before the namespaces change anything
+    rules = open_rules(folder, read_paths(folder, submission))  # before anything changes
     if ids is not None:
         try:
             walls["own_uid"] = drop_identity(*ids)
@@ -432,7 +457,7 @@ def install(folder: str, submission: str | None = None, ids: tuple[int, int] | N
     except OSError:
         pass
     try:
-        abi, failed, fenced = landlock(folder, reads, walls["net_namespace"])
+        abi, failed, fenced = landlock(rules, walls["net_namespace"])
         walls.update(landlock=abi, landlock_rules_failed=failed, landlock_reads=fenced,
                      landlock_scopes=abi >= 6)
     except OSError:
