@@ -455,9 +455,10 @@ def pytest_args(paths: Sequence[str | Path], out: str | Path, jobs: int, limits:
         if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
             args += ["-p", "xdist.plugin"]  # otherwise it is loaded as installed
         args += ["-n", str(jobs), "--dist", "loadscope"]  # scope: student/assignment
-    for path in paths:
-        args += ["--submission", str(Path(path).resolve())]
-    return args
+    listed = Path(config_dir) / "submissions.json"  # names that are not UTF-8 survive JSON
+    listed.write_text(json.dumps([str(Path(path).resolve()) for path in paths]),
+                      encoding="utf-8")
+    return args + ["--grader-submissions", str(listed)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,7 +34,14 @@ import torch
 from torch import Tensor
 
 from .autograde.limits import Limits, add_options, from_options
-from .grade import NotebookError, Submission, discover, read_cells, write_gradebook
+from .grade import (
+    NotebookError,
+    Submission,
+    discover,
+    printable,
+    read_cells,
+    write_gradebook,
+)
 from .probe import CheckFailure
 from .registry import Exercise
 from .runner import judge_probe
@@ -167,7 +175,7 @@ class SubmissionNode(pytest.Collector):
             {"cell": i, "grade_id": grade_ids.get(i), "error": e, "stopped": i in run.stopped}
             for i, e in sorted(run.cell_errors.items())]
         return {"student": self.submission.student, "assignment": self.submission.assignment,
-                "notebook": str(self.submission.path), "cell_errors": errors,
+                "notebook": printable(str(self.submission.path)), "cell_errors": errors,
                 "attempts": run.attempts if run else 0,
                 "seconds": round(run.seconds, 2) if run else 0.0,
                 "isolation": run.walls if run else {},
@@ -219,7 +227,7 @@ class GraderSession:
             raise pytest.UsageError("--require-isolation: walls are down on this machine: "
                                     + "; ".join(self.isolation.down))
         try:
-            self.submissions, skipped = discover(config.getoption("submission"),
+            self.submissions, skipped = discover(_submission_paths(config),
                                                  config.getoption("grader_assignment"))
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
@@ -240,7 +248,8 @@ class GraderSession:
         items: list[pytest.Item] = []
         for sub in self.submissions:
             node = SubmissionNode.from_parent(session, name=sub.key, nodeid=sub.key,
-                                              path=sub.path, submission=sub,
+                                              path=Path(printable(str(sub.path))),
+                                              submission=sub,
                                               limits=self.limits)
             items += node.collect()
         session.items = items
@@ -276,7 +285,7 @@ class GraderSession:
                     summary = {k: v for k, v in found.items() if k not in _EXERCISE_KEYS}
                 exercises.append({k: found[k] for k in _EXERCISE_KEYS if k in found})
             summary = summary or {"student": sub.student, "assignment": sub.assignment,
-                                  "notebook": str(sub.path), "cell_errors": [],
+                                  "notebook": printable(str(sub.path)), "cell_errors": [],
                                   "failure": "not run"}
             graded.append({**summary, "exercises": exercises, "manual": [
                 {"exercise": ex.grade_id, "max_score": float(ex.points)}
@@ -295,6 +304,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--grades-out", default=None, metavar="DIR",
                     help="write grades.csv, grades.json and feedback/ there at the end")
     add_options(group.addoption, "grader-")
+    group.addoption("--grader-submissions", default=None, metavar="FILE",
+                    help="a JSON list of submission paths (like --submission)")
     group.addoption("--grader-skipped", default=None, metavar="FILE",
                     help="a JSON list of notebooks found but not graded ({path, reason}), "
                          "for the gradebook")
@@ -304,6 +315,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="the assignment of notebooks whose path does not say it")
 
 
+def _submission_paths(config: pytest.Config) -> list[str]:
+    """--submission paths, and those listed in --grader-submissions (a JSON file, which
+    carries file names that are not UTF-8: pytest-xdist cannot pass them on its command
+    line)."""
+    paths = list(config.getoption("submission"))
+    listed = config.getoption("grader_submissions")
+    if listed:
+        with open(listed, encoding="utf-8") as f:
+            paths += json.load(f)
+    return paths
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    if config.getoption("submission"):
+    if config.getoption("submission") or config.getoption("grader_submissions"):
         config.pluginmanager.register(GraderSession(config), "moe_course_grader")
