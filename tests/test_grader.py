@@ -26,8 +26,7 @@ import pytest
 import torch
 
 from moe_course.grading import EXERCISES, exercises_for, judge_probe
-from moe_course.grading.autograde.limits import Limits
-from moe_course.grading.grade import (
+from moe_course.grading.autograde.grade import (
     CSV_COLUMNS,
     NotebookError,
     Submission,
@@ -39,8 +38,9 @@ from moe_course.grading.grade import (
     shard,
     write_gradebook,
 )
-from moe_course.grading.pytest_grader import plain, probe_inputs
-from moe_course.grading.sandbox import (
+from moe_course.grading.autograde.limits import Limits
+from moe_course.grading.autograde.pytest_plugin import plain, probe_inputs
+from moe_course.grading.autograde.sandbox import (
     Cell,
     Zygote,
     _Violation,
@@ -388,7 +388,7 @@ import moe_course.gating as gating
 from moe_course import experts
 from moe_course.grading import exercises_for
 from moe_course.grading.guard import ReferenceCalled, reference_guard
-from moe_course.grading import sandbox_worker as w
+from moe_course.grading.autograde import worker as w
 x, w_gate = torch.randn(3, 4), torch.randn(4, 2)
 expected = torch.softmax(x @ w_gate, dim=-1)
 alias = gating.softmax_gate
@@ -461,8 +461,8 @@ def test_a_sandbox_walls_in_processes_files_signals_and_sockets(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_the_plugin_runs_under_plain_pytest(tmp_path: Path) -> None:
-    """`pytest -p moe_course.grading.pytest_grader --submission ...`: one item per exercise,
-    named student/assignment::grade_id, failing with the check's message."""
+    """`pytest -p moe_course.grading.autograde.pytest_plugin --submission ...`: one item per
+    exercise, named student/assignment::grade_id, failing with the check's message."""
     folder = tmp_path / "class"
     folder.mkdir()
     nbformat.write(submission(NB01), folder / "ada.ipynb")
@@ -470,7 +470,7 @@ def test_the_plugin_runs_under_plain_pytest(tmp_path: Path) -> None:
     (folder / "conftest.py").write_text("raise SystemExit('a conftest next to a submission')")
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "moe_course.grading.pytest_grader",
+        [sys.executable, "-m", "pytest", "-p", "moe_course.grading.autograde.pytest_plugin",
          "-c", str(tmp_path / "pytest.ini"), "-p", "no:cacheprovider", "-rA",
          "--submission", str(folder), "--grades-out", str(tmp_path / "out")],
         cwd=tmp_path, capture_output=True, text=True, env=jupyter_env(tmp_path / "env"))

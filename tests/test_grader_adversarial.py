@@ -532,7 +532,7 @@ def test_a_bad_tree_costs_nobody_their_gradebook(graded: dict) -> None:
 def test_nothing_is_written_outside_the_sandboxes(graded: dict) -> None:
     out = graded["out"]
     assert sorted(p.name for p in out.iterdir()) == ["feedback", "grades.csv", "grades.json"]
-    from moe_course.grading.grade import printable, safe_name
+    from moe_course.grading.autograde.grade import printable, safe_name
 
     assert sorted(p.name for p in (out / "feedback").iterdir()) == sorted(
         safe_name(n) for n in [*BY_NAME, *map(printable, TREE)])

@@ -53,7 +53,7 @@ import platform
 import stat
 import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -431,6 +431,66 @@ def seccomp() -> bool:
     if lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         return False
     return lib.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(program), 0, 0) == 0
+
+
+# -- 5. the audit hook ---------------------------------------------------------------------------
+
+_DENIED = {  # audit events refused outright, and what to call them
+    "os.fork": "new processes", "os.forkpty": "new processes", "os.system": "new processes",
+    "os.exec": "new processes", "os.posix_spawn": "new processes", "os.spawn": "new processes",
+    "subprocess.Popen": "new processes", "pty.spawn": "new processes",
+    "os.killpg": "signals", "signal.pthread_kill": "signals",
+    "ctypes.dlopen": "ctypes", "ctypes.dlsym": "ctypes", "ctypes.dlsym/handle": "ctypes",
+    "socket.connect": "network access", "socket.bind": "network access",
+    "socket.sendto": "network access", "socket.sendmsg": "network access",
+}
+_PATH_EVENTS = {  # audit events that change the file system, and the argument holding a path
+    "os.rename": (0, 1), "os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,),
+    "os.symlink": (1,), "os.link": (1,), "os.truncate": (0,), "os.chmod": (0,),
+    "os.chown": (0,), "os.utime": (0,), "os.mkfifo": (0,), "os.mknod": (0,),
+    "os.chflags": (0,), "os.lchflags": (0,), "os.lchmod": (0,),
+}
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def audit_hook(folder: str, private_network: bool = False) -> Callable[[str, tuple], None]:
+    """A Python audit hook: refuses subprocesses, ctypes, signals, writes and file changes
+    outside `folder`, and sockets (unless the network namespace is private) with a readable
+    PermissionError. Only a courtesy: the kernel's walls above refuse the same, also to
+    native code, which never raises an audit event."""
+    root = os.path.realpath(folder)
+    allowed = (root, os.devnull)
+    me = os.getpid()
+
+    def inside(path: Any) -> bool:
+        if isinstance(path, int):
+            return True  # an open descriptor: Landlock checked it when it was opened
+        real = os.path.realpath(os.fsdecode(path))
+        return real in allowed or real.startswith(root + os.sep)
+
+    def hook(event: str, args: tuple) -> None:
+        what = _DENIED.get(event)
+        if what == "network access" and private_network:
+            what = None  # a network namespace of its own: only its loopback is there
+        if what is None and event == "os.kill" and args and args[0] not in (0, me):
+            what = "signals"
+        elif what is None and event == "open" and len(args) >= 3:
+            path, mode, flags = args[0], args[1], args[2]
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & _WRITE_FLAGS)
+            if writing and path is not None and not inside(path):
+                what = f"writing to {os.fsdecode(path)!r}"
+        elif what is None and event in _PATH_EVENTS:
+            if any(i < len(args) and args[i] is not None and not inside(args[i])
+                   for i in _PATH_EVENTS[event]):
+                what = f"changing files outside the sandbox folder ({event})"
+        elif what is None and event == "object.__setattr__" and args and args[0] is hook:
+            what = "changing the grader's audit hook"
+        if what is not None:
+            raise PermissionError(f"the grader's sandbox does not allow {what}")
+
+    return hook
+
 
 
 # -- all of them --------------------------------------------------------------------------------

@@ -7,9 +7,10 @@
 PATH is a submission notebook, a folder of them, or nbgrader's `submitted/` tree
 (`submitted/<student>/<assignment>/<notebook>.ipynb`: student and assignment come from the
 path; elsewhere the student is the notebook's file name and the assignment is read from its
-cells' grade_ids). The grading itself is a pytest run of `moe_course.grading.pytest_grader`
-(one test item per autograded exercise of each submission, in parallel over `--jobs`
-pytest-xdist workers); this module finds the submissions, starts that run, and writes:
+cells' grade_ids). The grading itself is a pytest run of
+`moe_course.grading.autograde.pytest_plugin` (one test item per autograded exercise of each
+submission, in parallel over `--jobs` pytest-xdist workers); this module finds the
+submissions, starts that run, and writes:
 
 - `DIR/grades.csv`: exactly `student,assignment,exercise,score,max_score`, one row per
   autograded exercise of each submission (also when it crashed or is missing; `exercise` is
@@ -45,8 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .autograde.limits import Limits, add_options, from_options, to_options
-from .registry import EXERCISES, Exercise, exercises_for
+from ..registry import EXERCISES, Exercise, exercises_for
+from .limits import Limits, add_options, from_options, to_options
 from .sandbox import Cell
 
 CSV_COLUMNS = ("student", "assignment", "exercise", "score", "max_score")
@@ -446,7 +447,8 @@ def pytest_args(paths: Sequence[str | Path], out: str | Path, jobs: int, limits:
     """The pytest command line of a grading run (without the leading `pytest`)."""
     ini = Path(config_dir) / "pytest.ini"
     ini.write_text("[pytest]\n")  # an empty config: no addopts, conftests or paths of others
-    args = ["-p", "moe_course.grading.pytest_grader", "-c", str(ini), "--rootdir", config_dir,
+    args = ["-p", "moe_course.grading.autograde.pytest_plugin", "-c", str(ini),
+            "--rootdir", config_dir,
             "--noconftest", "-p", "no:cacheprovider", "-q", "--tb=no", "-rN",
             "--grades-out", str(out), *to_options(limits, "grader-")]
     if assignment:

@@ -1,27 +1,26 @@
 """The learner's side of the pytest grader: run one submission's cells and probes, walled in.
 
-`moe_course.grading.sandbox` starts a worker for each sandboxed run, in its own session,
-working folder and minimal environment: forked by the zygote (``python -m
-moe_course.grading.sandbox_worker --zygote SOCKET_FD``, `zygote_main`, which imported torch
-and the grader once and never runs learner code), or spawned as ``python -m
-moe_course.grading.sandbox_worker FD``. The worker (`main`)
+`moe_course.grading.autograde.sandbox` starts a worker for each sandboxed run, in its own
+session, working folder and minimal environment: forked by the zygote (`zygote`), or
+spawned as ``python -m moe_course.grading.autograde.worker FD``. The worker (`_Run`), in
+named steps:
 
-1. reads its job from stdin with `torch.load(weights_only=True)`: the notebook's code cells,
-   where each exercise is checked (at its tests cell), the probe inputs that the trusted
-   process made and the resource limits, which it sets (`apply_limits`);
-2. makes the references of the assignment's exercises trip when the exercise that owns them
-   is being checked (`install_tripwires`), so that an alias captured by a cell trips too;
-3. walls itself in (`install_walls`): Landlock (no writes outside its folder, no signals to
-   or sockets with processes outside, no TCP, no exec), seccomp (no new processes: fork,
-   vfork, clone without CLONE_THREAD and exec are refused, and so are ptrace and access to
-   other processes' memory) and an audit hook (no subprocesses,
-   ctypes, sockets, signals or writes outside its folder, with a readable error), as far as
-   the kernel offers them;
-4. runs the steps in order: a cell is compiled and executed in one `__main__` namespace (an
-   error, `SystemExit` or `KeyboardInterrupt` ends the cell, not the run, as in IPython);
-   a probe step calls `run_probe` on the learner's object for each visible and hidden probe;
-5. reports on file descriptor FD as frames (an 8-byte big-endian length, then a
-   `torch.save` payload) that carry a per-run nonce, then ends with `os._exit`.
+1. `_read_job`: its job from stdin with `torch.load(weights_only=True)`: the notebook's code
+   cells, where each exercise is checked (at its tests cell), the probe inputs that the
+   trusted process made, the resource limits (`apply_limits`), the uid a root grader hands
+   it and the learner functions that hung in an earlier sandbox;
+2. `prepare`: makes the references of the assignment's exercises trip when the exercise
+   that owns them is being checked (`install_tripwires`, the only place tripwires are set
+   up), so that an alias captured by a cell trips too;
+3. `wall_in`: `walls.install` (own uid, namespaces, Landlock, seccomp: see `walls`) and an
+   audit hook that turns the common refusals into readable errors;
+4. `run`: the steps in order, reporting each (`protocol`): `run_cell` compiles and executes a
+   cell in one `__main__` namespace (an error, `SystemExit` or `KeyboardInterrupt` ends the
+   cell, not the run, as in IPython); `run_probes` calls `run_probe` on the learner's object
+   for each visible and hidden probe. A watch thread (`_watch`) reports where the learner's
+   code is when a step nears its time limit; a function it hung in is made to raise
+   `HangSkipped` from then on (`_skip_hanging`);
+5. ends with `os._exit`.
 
 Nothing it reports is trusted: the grader judges every output against the reference in its
 own process, and only loads frames with `torch.load(weights_only=True)`.
@@ -39,7 +38,8 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from .autograde.protocol import (
+from . import walls as kernel_walls
+from .protocol import (
     CELL,
     CELL_STEP,
     DONE,
@@ -62,7 +62,7 @@ _PROBING: list[str | None] = [None]  # grade_id whose probes are running now, if
 def tripwire_call(key: str, args: tuple, kwargs: dict) -> Any:
     """Run the reference behind tripwire `key`, unless its own exercise is being checked."""
     if _PROBING[0] is not None and _PROBING[0] == _OWNER.get(key):
-        from .guard import _trip
+        from ..guard import _trip
 
         _trip(key)  # raises ReferenceCalled, recorded by run_probe's reference_guard
     return _ORIGINALS[key](*args, **kwargs)
@@ -114,67 +114,12 @@ def install_tripwires(exercises: list[Any]) -> None:
 # Walls: the kernel's (identity, namespaces, Landlock, seccomp) live in `autograde.walls`;
 # the audit hook below only turns the common refusals into readable errors.
 
-_DENIED = {  # audit events refused outright, and what to call them
-    "os.fork": "new processes", "os.forkpty": "new processes", "os.system": "new processes",
-    "os.exec": "new processes", "os.posix_spawn": "new processes", "os.spawn": "new processes",
-    "subprocess.Popen": "new processes", "pty.spawn": "new processes",
-    "os.killpg": "signals", "signal.pthread_kill": "signals",
-    "ctypes.dlopen": "ctypes", "ctypes.dlsym": "ctypes", "ctypes.dlsym/handle": "ctypes",
-    "socket.connect": "network access", "socket.bind": "network access",
-    "socket.sendto": "network access", "socket.sendmsg": "network access",
-}
-_PATH_EVENTS = {  # audit events that change the file system, and the argument holding a path
-    "os.rename": (0, 1), "os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,),
-    "os.symlink": (1,), "os.link": (1,), "os.truncate": (0,), "os.chmod": (0,),
-    "os.chown": (0,), "os.utime": (0,), "os.mkfifo": (0,), "os.mknod": (0,),
-    "os.chflags": (0,), "os.lchflags": (0,), "os.lchmod": (0,),
-}
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-
-def _audit_hook(folder: str, private_network: bool = False) -> Callable[[str, tuple], None]:
-    root = os.path.realpath(folder)
-    allowed = (root, os.devnull)
-    me = os.getpid()
-
-    def inside(path: Any) -> bool:
-        if isinstance(path, int):
-            return True  # an open descriptor: Landlock checked it when it was opened
-        real = os.path.realpath(os.fsdecode(path))
-        return real in allowed or real.startswith(root + os.sep)
-
-    def hook(event: str, args: tuple) -> None:
-        what = _DENIED.get(event)
-        if what == "network access" and private_network:
-            what = None  # a network namespace of its own: only its loopback is there
-        if what is None and event == "os.kill" and args and args[0] not in (0, me):
-            what = "signals"
-        elif what is None and event == "open" and len(args) >= 3:
-            path, mode, flags = args[0], args[1], args[2]
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags & _WRITE_FLAGS)
-            if writing and path is not None and not inside(path):
-                what = f"writing to {os.fsdecode(path)!r}"
-        elif what is None and event in _PATH_EVENTS:
-            if any(i < len(args) and args[i] is not None and not inside(args[i])
-                   for i in _PATH_EVENTS[event]):
-                what = f"changing files outside the sandbox folder ({event})"
-        elif what is None and event == "object.__setattr__" and args and args[0] is hook:
-            what = "changing the grader's audit hook"
-        if what is not None:
-            raise PermissionError(f"the grader's sandbox does not allow {what}")
-
-    return hook
-
-
 def install_walls(folder: str, submission: str | None = None,
                   ids: tuple[int, int] | None = None) -> dict[str, Any]:
     """Install what the platform offers of the kernel's walls (`walls.install`), then the
     audit hook; what is up, as `walls.WALLS` names it."""
-    from .autograde import walls as kernel_walls
-
     walls = kernel_walls.install(folder, submission, ids)
-    sys.addaudithook(_audit_hook(folder, bool(walls.get("net_namespace"))))
+    sys.addaudithook(kernel_walls.audit_hook(folder, bool(walls.get("net_namespace"))))
     walls["audit_hook"] = True
     return walls
 
@@ -374,8 +319,8 @@ class _Run:
         import matplotlib
 
         matplotlib.use("Agg")
-        from .registry import exercises_for
-        from .runner import run_probe
+        from ..registry import exercises_for
+        from ..runner import run_probe
 
         self.run_probe = run_probe
         self.exercises = {ex.grade_id: ex for ex in exercises_for(self.job["assignment"])
@@ -553,98 +498,12 @@ def bounded(value: Any, depth: int = 0) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``python -m moe_course.grading.sandbox_worker RESULT_FD``."""
+    """Entry point: ``python -m moe_course.grading.autograde.worker RESULT_FD``."""
     argv = sys.argv[1:] if argv is None else argv
     _Run(int(argv[0])).run()
 
 
 _MISSING = object()
-
-
-# ----------------------------------------------------------------------------------------
-# The zygote: imports torch and the grader once, then forks one worker per job.
-
-
-def landlock_abi() -> int:
-    """The kernel's Landlock ABI version, 0 without Landlock."""
-    from .autograde.walls import landlock_abi as abi
-
-    return abi()
-
-
-def _child(sock: Any, fds: list[int], request: dict[str, Any]) -> None:
-    """In a fresh fork of the zygote: become a worker for one job (never returns)."""
-    try:
-        sock.close()  # learner code must never reach the zygote's control socket
-        os.setsid()
-        for target, fd in zip((0, 1, 2, 3), (fds[0], fds[1], fds[1], fds[2]), strict=True):
-            os.dup2(fd, target)
-        os.closerange(4, 1 << 16)
-        os.chdir(request["folder"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        import tempfile
-
-        tempfile.tempdir = None
-        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
-        main(["3"])
-    finally:
-        os._exit(70)
-
-
-def zygote_main(sock_fd: int) -> None:
-    """Serve fork requests on a SOCK_SEQPACKET socket: a JSON request with three file
-    descriptors (job, log, result pipe) -> "pid N"; later "exit N CODE" when it ends."""
-    import json
-    import select
-    import socket
-
-    import matplotlib
-    import torch
-
-    torch.set_num_threads(1)
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401  -- what the notebooks import, paid once
-
-    from . import registry, runner  # noqa: F401
-
-    sock = socket.socket(fileno=sock_fd)
-    if sys.platform.startswith("linux"):
-        from .autograde.walls import libc
-
-        libc().prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans are reaped here
-    sock.sendall(f"ready {landlock_abi()}".encode())
-    children: set[int] = set()
-    while True:
-        readable, _, _ = select.select([sock], [], [], 0.05)
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            if pid in children:
-                children.discard(pid)
-                sock.sendall(f"exit {pid} {os.waitstatus_to_exitcode(status)}".encode())
-        if not readable:
-            continue
-        data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
-        if not data:
-            for pid in children:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            os._exit(0)
-        pid = os.fork()
-        if pid == 0:
-            _child(sock, fds, json.loads(data))
-        for fd in fds:
-            os.close(fd)
-        children.add(pid)
-        sock.sendall(f"pid {pid}".encode())
 
 
 def _missing(exercise: Any, cell_error: str | None) -> str:
@@ -671,9 +530,9 @@ def _close_figures() -> None:
 
 if __name__ == "__main__":
     # Run as the package module, not as __main__: tripwires import it by name.
-    from moe_course.grading import sandbox_worker
+    from moe_course.grading.autograde import worker, zygote
 
     if sys.argv[1:2] == ["--zygote"]:
-        sandbox_worker.zygote_main(int(sys.argv[2]))
+        zygote.zygote_main(int(sys.argv[2]))
     else:
-        sandbox_worker.main()
+        worker.main()

@@ -1,6 +1,6 @@
 """pytest plugin of the course's grader: each autograded exercise of a submission is a test.
 
-    pytest -p moe_course.grading.pytest_grader --noconftest --submission alice.ipynb \\
+    pytest -p moe_course.grading.autograde.pytest_plugin --noconftest --submission alice.ipynb \\
            [--submission submitted/] [--grades-out DIR] [--grader-timeout S] \\
            [--grader-memory MB] [--grader-...: every field of `Limits`] \\
            [--require-isolation] [-n 4 --dist loadscope]
@@ -33,7 +33,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from .autograde.limits import Limits, add_options, from_options
+from ..probe import CheckFailure
+from ..registry import Exercise
+from ..runner import judge_probe
 from .grade import (
     NotebookError,
     Submission,
@@ -42,9 +44,7 @@ from .grade import (
     read_cells,
     write_gradebook,
 )
-from .probe import CheckFailure
-from .registry import Exercise
-from .runner import judge_probe
+from .limits import Limits, add_options, from_options
 from .sandbox import SandboxRun, isolation, run_sandboxed
 
 PROPERTY = "moe_course_grade"  # user_properties key of an item's result (a JSON string)

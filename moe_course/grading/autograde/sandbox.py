@@ -5,20 +5,22 @@ a fresh worker process and, at each exercise's tests cell, has the worker call t
 object on the probe inputs that this (trusted) process made (`plan`). It returns what came
 back, as plain data, for `judge_probe` to judge here. The worker is forked from a `Zygote`,
 a clean process that imported torch once, or else spawned as ``python -m
-moe_course.grading.sandbox_worker``. The learner's process:
+moe_course.grading.autograde.worker``. The learner's process:
 
 - starts in its own session with a minimal environment and its own temporary working
   folder (also its HOME and TMPDIR), and sets its own limits before any learner code runs:
   address space (`Limits.memory_mb`), file size (`Limits.file_mb`), CPU time, open files,
-  core dumps, processes (for a non-root user);
-- walls itself in where the kernel allows (see `sandbox_worker`): Landlock, seccomp, an
-  audit hook;
+  core dumps, threads (`Limits`);
+- walls itself in where the kernel allows (`walls`): an own uid, namespaces, Landlock,
+  seccomp, an audit hook; `isolation()` says up front which walls a sandbox gets here, and a
+  sandbox that reports fewer is not graded;
 - gets `Limits.timeout` seconds of wall time per cell and per exercise's checks. When a step
   overruns, it is sent SIGINT (ending the cell with KeyboardInterrupt, as Jupyter's
   interrupt does); if it is still running a few seconds later, its whole process group is
   killed, and then anything it left behind. A step that hangs or kills the process
   (`os._exit`, a crash, the memory limit) is blamed, and a fresh sandbox reruns the notebook
-  without it, at most `Limits.attempts` times in all;
+  without it (a learner function it hung in is skipped instead, wherever it is called), at
+  most `Limits.attempts` times and `Limits.budget` seconds in all;
 - reports through a pipe as length-prefixed frames. Each frame must be a `torch.save` zip
   archive of stored (uncompressed) entries, at most `Limits.result_mb` in all, carrying this
   run's random nonce; it is read with `torch.load(weights_only=True)`, which builds tensors
@@ -30,18 +32,15 @@ Nothing the process says is believed: it reports outputs, and the grader judges 
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import hmac
 import io
 import itertools
-import json
 import os
 import secrets
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,9 +53,10 @@ from typing import Any
 
 import torch
 
-from .autograde import walls
-from .autograde.limits import Limits
-from .autograde.protocol import (
+from ..registry import Exercise
+from . import walls
+from .limits import Limits
+from .protocol import (
     CELL,
     CELL_STEP,
     DONE,
@@ -68,9 +68,7 @@ from .autograde.protocol import (
     READY,
     START,
 )
-from .registry import Exercise
-
-WORKER = "moe_course.grading.sandbox_worker"
+from .zygote import _HELPERS, WORKER, Zygote, sandbox_env
 
 
 @dataclass(frozen=True)
@@ -319,20 +317,6 @@ def _user_tasks() -> int:
     return count
 
 
-def _package_parent() -> str:
-    return str(Path(__file__).resolve().parent.parent.parent)
-
-
-def sandbox_env(folder: str) -> dict[str, str]:
-    """The whole environment of a learner's process: nothing of the grader's is passed on."""
-    return {"PATH": os.environ.get("PATH", os.defpath), "HOME": folder, "TMPDIR": folder,
-            "MPLCONFIGDIR": os.path.join(folder, ".matplotlib"), "MPLBACKEND": "Agg",
-            "PYTHONPATH": _package_parent(), "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "MOE_COURSE_GRADING": "1", "NBGRADER_EXECUTION": "autograde",
-            "TQDM_DISABLE": "1", "LANG": "C.UTF-8"}
-
-
 def _describe_exit(code: int) -> str:
     if code >= 0:
         return f"ended the grader's process (exit status {code}, e.g. os._exit)"
@@ -343,113 +327,6 @@ def _describe_exit(code: int) -> str:
         return (f"crashed the grader's process ({name}; running out of the "
                 "memory limit does this)")
     return f"ended the grader's process ({name})"
-
-
-# ----------------------------------------------------------------------------------------
-# Starting workers: forked from a zygote that imported torch once, or spawned afresh.
-
-
-_HELPERS: set[int] = set()  # zygotes: children of ours that a sweep must spare
-
-
-class _ZygoteUnavailable(Exception):
-    """The zygote could not start, or the kernel cannot wall its children in."""
-
-
-class Zygote:
-    """A clean process (no learner code ever runs in it) that has imported torch, matplotlib
-    and the grader, and forks a worker per job: each sandbox starts in milliseconds instead
-    of re-importing torch. Only used where Landlock keeps the forked workers from reaching
-    back into it (otherwise workers are spawned afresh)."""
-
-    _current: Zygote | None = None
-    _broken = False
-
-    def __init__(self) -> None:
-        self.owner = os.getpid()
-        self.folder = tempfile.mkdtemp(prefix="moe-zygote-")
-        self.exits: dict[int, int] = {}
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with open(os.path.join(self.folder, "log"), "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-s", "-B", "-m", WORKER, "--zygote", str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                cwd=self.folder, env=sandbox_env(self.folder), start_new_session=True)
-        child.close()
-        _HELPERS.add(self.proc.pid)
-        self.sock = parent
-        ready = self._receive("ready", Limits().startup)
-        if ready is None or int(ready) < 1:
-            self.close()
-            raise _ZygoteUnavailable(f"zygote: {ready!r}")
-        atexit.register(self.close)
-
-    @classmethod
-    def get(cls) -> Zygote | None:
-        """This process's zygote, started on first use; None where it cannot be used."""
-        current = cls._current
-        if current is not None and current.owner == os.getpid() and current.proc.poll() is None:
-            return current
-        if cls._broken or not hasattr(socket, "send_fds"):
-            return None
-        try:
-            cls._current = cls()
-        except (_ZygoteUnavailable, OSError):
-            cls._broken = True
-            return None
-        return cls._current
-
-    def _receive(self, kind: str, timeout: float) -> str | None:
-        """The next `kind` message's argument (exit messages are recorded on the way)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
-                return None
-            data = self.sock.recv(256)
-            if not data:
-                return None
-            head, _, rest = data.decode().partition(" ")
-            if head == "exit":
-                pid, code = rest.split()
-                self.exits[int(pid)] = int(code)
-            elif head == kind:
-                return rest
-
-    def spawn(self, fds: Sequence[int], folder: str, env: dict[str, str]) -> int:
-        request = json.dumps({"folder": folder, "env": env}).encode()
-        socket.send_fds(self.sock, [request], list(fds))
-        pid = self._receive("pid", 30.0)
-        if pid is None:
-            raise OSError("the zygote did not fork a worker")
-        return int(pid)
-
-    def exit_code(self, pid: int, timeout: float = 0.0) -> int | None:
-        """`pid`'s exit code once the zygote reaped it; wait up to `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while pid not in self.exits:
-            left = deadline - time.monotonic()
-            if not select.select([self.sock], [], [], max(0.0, left))[0]:
-                return None
-            data = self.sock.recv(256)
-            if not data:
-                return -signal.SIGKILL  # the zygote is gone, and its children with it
-            head, _, rest = data.decode().partition(" ")
-            if head == "exit":
-                child, code = rest.split()
-                self.exits[int(child)] = int(code)
-        return self.exits.pop(pid)
-
-    def close(self) -> None:
-        self.sock.close()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        shutil.rmtree(self.folder, ignore_errors=True)
-        if Zygote._current is self:
-            Zygote._current = None
 
 
 class _Worker:
