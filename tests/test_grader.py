@@ -357,6 +357,40 @@ def test_gradebook_survives_colliding_names_and_unwritable_feedback(tmp_path: Pa
     assert read_grades(elsewhere) == {("a", NB01, "ex01_expert"): (2.0, 2.0)}
 
 
+def _immutable(path: Path, on: bool) -> None:
+    import fcntl
+    import struct
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        flags = struct.unpack("l", fcntl.ioctl(fd, 0x80086601, struct.pack("l", 0)))[0]
+        flags = flags | 0x10 if on else flags & ~0x10  # FS_IMMUTABLE_FL
+        fcntl.ioctl(fd, 0x40086602, struct.pack("l", flags))
+    finally:
+        os.close(fd)
+
+
+def test_an_immutable_output_folder_costs_no_gradebook(tmp_path: Path) -> None:
+    """The immutable flag (as a learner with root's powers would set it, through ioctl) on
+    the feedback folder: each page is reported; on --out itself: the gradebook is written
+    beside it. (Setting the flag needs CAP_LINUX_IMMUTABLE: these tests run as root.)"""
+    out = tmp_path / "out"
+    (out / "feedback").mkdir(parents=True)
+    _immutable(out / "feedback", True)
+    try:
+        assert not write_gradebook(out, [_result("a", 2.0), _result("b", 0.0)])
+        report = json.loads((out / "grades.json").read_text())
+        assert len(report["errors"]) == 2 and "feedback for a/" in report["errors"][0]
+        assert len(read_grades(out)) == 2
+        _immutable(out, True)
+        assert not write_gradebook(out, [_result("a", 2.0)])
+        (elsewhere,) = tmp_path.glob("out.gradebook-*")
+        assert "refused the gradebook" in (elsewhere / "grades.json").read_text()
+    finally:
+        _immutable(out, False)
+        _immutable(out / "feedback", False)
+
+
 def test_shards_merge_into_one_gradebook(tmp_path: Path) -> None:
     subs = [Submission(s, NB01, Path(s)) for s in "abcdefg"]
     parts = [shard(subs, f"{k}/3") for k in (1, 2, 3)]
