@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +139,13 @@ def router_z_loss(logits: Tensor) -> Tensor:
     """
     float_tensor("logits", logits, ndim=2, shape_hint="(T, E)")
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+class LayerLosses(NamedTuple):
+    """One MoE layer's losses, as `moe_lm_loss` receives them (`for a, z in aux_losses`)."""
+
+    aux_loss: Tensor  # scalar load-balancing loss of the layer
+    z_loss: Tensor  # scalar router z-loss of the layer
 
 
 def _aux_and_z(item: Any, i: int) -> tuple[Tensor, Tensor]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from moe_course import top_k_gating
 from moe_course.grading import EXERCISES, CheckFailure, check, judge_probe, run_probe
-from moe_course.grading import expert_parallelism as ep
+from moe_course.grading.checks import nb06_expert_parallelism as ep
 from moe_course.parallel import (
     ExpertParallelMoE,
     all_to_all_rows,

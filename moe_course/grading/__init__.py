@@ -15,8 +15,8 @@ For graders: `EXERCISES[grade_id]` is an `Exercise` with `visible` and `hidden` 
 plain data cross it.
 """
 
+from ..losses import LayerLosses
 from .guard import ReferenceCalled, quiet, reference_guard
-from .moe_transformer import LayerLosses
 from .probe import CheckFailure, Probe, capture
 from .registry import EXERCISES, Exercise, exercises_for
 from .runner import check, judge_probe, run_probe

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import capacity, expert_choice, experts, gating, layers, losses, modern, parallel, routing
-from . import expert_choice as ec
-from . import expert_parallelism as ep
-from . import experts_and_gating as eg
-from . import load_balancing as lb
-from . import modern_moe as mm
-from . import moe_transformer as mt
-from . import top_k_routing as tk
+from .checks import nb01_experts_and_gating as eg
+from .checks import nb02_top_k_routing as tk
+from .checks import nb03_load_balancing as lb
+from .checks import nb04_expert_choice as ec
+from .checks import nb05_moe_transformer as mt
+from .checks import nb06_expert_parallelism as ep
+from .checks import nb07_modern_moe as mm
 from .probe import Probe
 
 KINDS = ("function", "class", "written")

@@ -10,9 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .experts_and_gating import UNWEIGHTED
-from .inputs import gen, logits, tie_free
-from .probe import (
+from ..inputs import gen, logits, tie_free
+from ..probe import (
     CheckFailure,
     Inputs,
     Outputs,
@@ -27,7 +26,8 @@ from .probe import (
     matching_variant,
     no_mutation,
 )
-from .recording import expert_inputs, expert_outputs, judge_expert_calls, probe_experts
+from ..recording import expert_inputs, expert_outputs, judge_expert_calls, probe_experts
+from .common import UNWEIGHTED
 
 # ----------------------------------------------------------------------------------------
 # shared_expert_moe

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import capacity as ref_capacity
-from .. import losses as ref_losses
-from .inputs import gen, logits, min_gap, tie_free
-from .probe import (
+from ... import capacity as ref_capacity
+from ... import losses as ref_losses
+from ..inputs import gen, logits, min_gap, tie_free
+from ..probe import (
     CheckFailure,
     Inputs,
     Outputs,
@@ -30,6 +30,7 @@ from .probe import (
     expect_tensor,
     no_mutation,
 )
+from .common import positions_token_order
 
 SCALAR = ()  # the shape of a 0-dim tensor
 
@@ -407,10 +408,6 @@ def _capacity_error_judge(inputs: Inputs, outputs: Outputs) -> None:
 # capacity_positions
 
 
-def _positions_token_order(idx: Tensor, e: int) -> Tensor:
-    t, k = idx.shape
-    flat = F.one_hot(idx.reshape(-1), e)  # (T*K, E), token-major
-    return ((flat.cumsum(0) - 1) * flat).sum(-1).reshape(t, k)  # (T, K)
 
 
 def _positions_per_rank(idx: Tensor, e: int) -> Tensor:
@@ -426,7 +423,7 @@ def _positions_inputs(seed: int, t: int, e: int, k: int) -> Inputs:
     def gaps(i: Inputs) -> list[float]:
         idx = i["indices"]
         ok = ref_capacity.capacity_positions(idx, e)
-        differs = k == 1 or not torch.equal(ok, _positions_token_order(idx, e))
+        differs = k == 1 or not torch.equal(ok, positions_token_order(idx, e))
         return [min_gap(i["logits"], dim=-1), 1.0 if differs else 0.0]
 
     return tie_free(make, gaps, seed)
@@ -444,7 +441,7 @@ def _positions_judge(inputs: Inputs, outputs: Outputs) -> None:
     expected = ref_capacity.capacity_positions(idx, e)
     t, k = idx.shape
     expect_close(got, expected, "your slot positions", variants=[
-        (_positions_token_order(idx, e),
+        (positions_token_order(idx, e),
          "you filled the slots token by token (token 0's choices, then token 1's, ...): fill "
          "by choice rank instead, all first choices in token order, then all second choices "
          "(GShard priority, so no first choice is dropped for someone's second)"),
@@ -472,7 +469,7 @@ def _apply_inputs(seed: int, t: int, e: int, k: int, capacity: int) -> Inputs:
     def gaps(i: Inputs) -> list[float]:
         idx, c = i["indices"], i["capacity"]
         keep = ref_capacity.capacity_positions(idx, e) < c
-        token_keep = _positions_token_order(idx, e) < c
+        token_keep = positions_token_order(idx, e) < c
         all_dropped = bool((~keep).all(-1).any())
         return [min_gap(i["logits"], dim=-1), 1.0 if all_dropped else 0.0,
                 1.0 if k == 1 or not torch.equal(keep, token_keep) else 0.0,
@@ -498,7 +495,7 @@ def _apply_judge(inputs: Inputs, outputs: Outputs) -> None:
     positions = ref_capacity.capacity_positions(idx, e)
     expected_keep = positions < c
     expect_close(keep, expected_keep, "your keep mask", variants=[
-        (_positions_token_order(idx, e) < c,
+        (positions_token_order(idx, e) < c,
          "your keep mask fills the buffers token by token: fill by choice rank (all first "
          "choices in token order, then second choices), as capacity_positions does"),
         (positions <= c, "your keep mask keeps slot == capacity: slots are 0 .. capacity-1, "

@@ -29,11 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .. import parallel
-from .experts_and_gating import UNWEIGHTED
-from .guard import ReferenceCalled, reference_guard
-from .inputs import gen, min_gap, tie_free
-from .probe import (
+from ... import parallel
+from ..guard import ReferenceCalled, reference_guard
+from ..inputs import gen, min_gap, tie_free
+from ..probe import (
     CheckFailure,
     Inputs,
     Outputs,
@@ -47,7 +46,8 @@ from .probe import (
     matching_variant,
     no_mutation,
 )
-from .recording import expert_inputs, judge_expert_calls, new_record
+from ..recording import expert_inputs, judge_expert_calls, new_record
+from .common import UNWEIGHTED
 
 RANK_TIMEOUT = 10.0  # seconds a multi-rank probe may take (a correct one: well under 1)
 _RUNS = itertools.count(1_000_000)  # numbers multi-rank runs: each names its own group

@@ -9,10 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import expert_choice as ref_ec
-from .experts_and_gating import UNWEIGHTED
-from .inputs import logits, min_gap, tie_free
-from .probe import (
+from ... import expert_choice as ref_ec
+from ..inputs import logits, min_gap, tie_free
+from ..probe import (
     CheckFailure,
     Inputs,
     Outputs,
@@ -25,7 +24,8 @@ from .probe import (
     expect_tensor,
     no_mutation,
 )
-from .recording import expert_inputs, expert_outputs, judge_expert_calls, probe_experts
+from ..recording import expert_inputs, expert_outputs, judge_expert_calls, probe_experts
+from .common import UNWEIGHTED
 
 # ----------------------------------------------------------------------------------------
 # expert_choice_capacity

@@ -10,27 +10,19 @@ and compares with `moe_course.MoEFeedForward` holding the same weights.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import capacity as ref_capacity
-from .. import expert_choice as ref_ec
-from .. import layers as ref_layers
-from .. import losses as ref_losses
-from .experts_and_gating import (
-    UNWEIGHTED,
-    construct,
-    expert_weights,
-    load_expert,
-    load_linear,
-    reference_expert,
-)
-from .inputs import gen, min_gap, tie_free
-from .load_balancing import _positions_token_order
-from .probe import (
+from ... import capacity as ref_capacity
+from ... import expert_choice as ref_ec
+from ... import layers as ref_layers
+from ... import losses as ref_losses
+from ...losses import LayerLosses
+from ..inputs import gen, min_gap, tie_free
+from ..probe import (
     CheckFailure,
     Inputs,
     Outputs,
@@ -42,16 +34,18 @@ from .probe import (
     expect_tensor,
     no_mutation,
 )
-from .recording import judge_expert_calls, record_calls
+from ..recording import judge_expert_calls, record_calls
+from .common import (
+    UNWEIGHTED,
+    construct,
+    expert_weights,
+    load_expert,
+    load_linear,
+    positions_token_order,
+    reference_expert,
+)
 
 FIELDS = ("y", "aux_loss", "z_loss")  # what MoEFeedForward's output must have
-
-
-class LayerLosses(NamedTuple):
-    """One MoE layer's losses, as `moe_lm_loss` receives them (`for a, z in aux_losses`)."""
-
-    aux_loss: Tensor  # scalar load-balancing loss of the layer
-    z_loss: Tensor  # scalar router z-loss of the layer
 
 
 # ----------------------------------------------------------------------------------------
@@ -83,7 +77,7 @@ def _layer_inputs(seed: int, router: str, k: int, capacity_factor: float | None,
             idx = lg.topk(k, dim=-1).indices
             c = ref_capacity.expert_capacity(t, e, capacity_factor, k)
             keep = ref_capacity.capacity_positions(idx, e) < c
-            token_keep = _positions_token_order(idx, e) < c
+            token_keep = positions_token_order(idx, e) < c
             partial = bool(((keep.sum(-1) > 0) & (keep.sum(-1) < k)).any()) or k == 1
             out += [1.0 if not keep.all() else 0.0,
                     1.0 if k == 1 or not torch.equal(keep, token_keep) else 0.0,
@@ -178,7 +172,7 @@ def _layer_judge(inputs: Inputs, outputs: Outputs) -> None:
         if cf is not None:
             c = ref_capacity.expert_capacity(t, e, cf, k)
             keep = ref_capacity.capacity_positions(idx, e) < c  # (T, K)
-            token_keep = _positions_token_order(idx, e) < c  # (T, K)
+            token_keep = positions_token_order(idx, e) < c  # (T, K)
         kw = w * keep
         renorm = kw / kw.sum(-1, keepdim=True).clamp_min(1e-30)
         variants = [

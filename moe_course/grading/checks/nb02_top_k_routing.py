@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .experts_and_gating import UNWEIGHTED
-from .inputs import gen, logits, min_gap, tie_free
-from .probe import (
+from ..inputs import gen, logits, min_gap, tie_free
+from ..probe import (
     CheckFailure,
     Inputs,
     Outputs,
@@ -27,7 +26,8 @@ from .probe import (
     matching_variant,
     no_mutation,
 )
-from .recording import expert_inputs, expert_outputs, judge_expert_calls, probe_experts
+from ..recording import expert_inputs, expert_outputs, judge_expert_calls, probe_experts
+from .common import UNWEIGHTED
 
 # ----------------------------------------------------------------------------------------
 # top_k_gating
