@@ -251,11 +251,11 @@ CASES = [
     Case("hang_called_again", "a helper that ignores SIGINT and loops forever, called "
                               "again by the next two answer cells",
          {E: SOL[E] + HANGS, S: SOL[S] + "\nwarm_up()\n", D: SOL[D] + "\nwarm_up()\n"},
-         (2, 1, 2), (2, 1, 2)),
+         (2, 1, 2), (0, 0, 0)),
     Case("hang_swallowed", "a helper that swallows KeyboardInterrupt in a loop, called "
                            "again by the next two answer cells",
          {E: SOL[E] + SWALLOWS, S: SOL[S] + "\nsettle()\n", D: SOL[D] + "\nsettle()\n"},
-         (2, 1, 2), (2, 1, 2)),
+         (2, 1, 2), (0, 0, 0)),
     Case("raises_interrupt", "`raise KeyboardInterrupt` inside a checked function",
          {D: "def dense_moe(x, experts, w_gate):\n    raise KeyboardInterrupt\n"},
          (2, 1, 0), (2, 1, 0)),
@@ -268,9 +268,9 @@ CASES = [
          {D: "def dense_moe(x, experts, w_gate):\n    return torch.zeros_like(x), "
              "-(10 ** 5000)\n"}, (2, 1, 0), (2, 1, 0)),
     Case("tampered_answer", "an answer cell's metadata changed to `grade: true, solution: "
-                            "false` (a tests cell)", {}, (2, 1, 0), "not graded", meta=(D,)),
+                            "false` (a tests cell)", {}, (2, 1, 0), (0, 0, 0), meta=(D,)),
     Case("tampered_two", "two answer cells' metadata changed the same way", {}, (0, 1, 0),
-         "not graded", meta=(E, D)),
+         (0, 0, 0), meta=(E, D)),
     Case("victim", "control: the solution, which writes_gradebook tries to overwrite", {},
          (2, 1, 2), (0, 0, 0)),
 ]
@@ -598,7 +598,7 @@ def autograded(tmp_path_factory: pytest.TempPathFactory) -> dict:
     started = {}  # what the spawning cases printed in their autograded notebooks
     for name in ("fork_bomb", "spawn_past_audit"):
         graded = root / "autograded" / name / NB01 / paths[name].name
-        found = re.search(r"started (\d+) processes", graded.read_text())
+        found = graded.exists() and re.search(r"started (\d+) processes", graded.read_text())
         started[name] = int(found[1]) if found else None
     changed = before != world.fingerprint()
     for path in (world.notebook("correct"), out, world.program):
