@@ -80,7 +80,7 @@ def _test(args: argparse.Namespace) -> int:
 
 
 def _grade(argv: list[str]) -> int:
-    from .grading.grade import main as grade_main
+    from .grading.autograde.grade import main as grade_main
 
     return grade_main(argv)
 

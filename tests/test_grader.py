@@ -37,20 +37,22 @@ from nbgrader_course import (  # noqa: F401 (re-exported to test_grader_adversar
 from nbgrader_course import new_course as nbgrader_course  # noqa: F401
 
 from moe_course.grading import EXERCISES, exercises_for, judge_probe
-from moe_course.grading.grade import (
+from moe_course.grading.autograde.grade import (
     CSV_COLUMNS,
     NotebookError,
     Submission,
+    discover,
     find_submissions,
     merge,
     read_cells,
+    safe_name,
     shard,
     write_gradebook,
 )
-from moe_course.grading.pytest_grader import plain, probe_inputs
-from moe_course.grading.sandbox import (
+from moe_course.grading.autograde.limits import Limits
+from moe_course.grading.autograde.pytest_plugin import plain, probe_inputs
+from moe_course.grading.autograde.sandbox import (
     Cell,
-    Limits,
     Zygote,
     _Violation,
     load_frame,
@@ -146,20 +148,44 @@ def test_submissions_are_found_in_nbgrader_trees_and_loose_folders(tmp_path: Pat
     assert [s.student for s in find_submissions([tree / "ann" / NB01])] == ["ann"]
 
 
-def test_ambiguous_or_duplicate_submissions_are_refused(tmp_path: Path) -> None:
+def test_ambiguous_or_duplicate_submissions_are_skipped_with_a_reason(tmp_path: Path) -> None:
+    """One notebook's problem never stops the others: it is skipped, with its reason."""
     unknown = _tiny_notebook(tmp_path / "a" / "dan.ipynb", ["nothing_known"])
-    with pytest.raises(ValueError, match="assignment is unknown"):
-        find_submissions([unknown])
+    ((_, why),) = [(s.path, s.reason) for s in discover([unknown])[1]]
+    assert "assignment is unknown" in why
     assert find_submissions([unknown], assignment=NB01)[0].assignment == NB01
     mixed = _tiny_notebook(tmp_path / "b" / "eve.ipynb", ["ex01_expert", "ex02_moe_flops"])
-    with pytest.raises(ValueError, match="several assignments"):
-        find_submissions([mixed])
+    assert "several assignments" in discover([mixed])[1][0].reason
     _tiny_notebook(tmp_path / "c" / "x" / NB01 / "one.ipynb", [])
     _tiny_notebook(tmp_path / "c" / "x" / NB01 / "two.ipynb", [])
-    with pytest.raises(ValueError, match="same student and assignment"):
-        find_submissions([tmp_path / "c"])
+    _tiny_notebook(tmp_path / "c" / "y" / NB01 / "one.ipynb", [])
+    found, skipped = discover([tmp_path / "c"])
+    assert [s.student for s in found] == ["y"]
+    assert len(skipped) == 2 and all("two notebooks for x/" in s.reason for s in skipped)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "broken.ipynb").write_text("{not json")
+    _tiny_notebook(tmp_path / "d" / "fine.ipynb", ["ex01_expert"])
+    found, skipped = discover([tmp_path / "d"])
+    assert [s.student for s in found] == ["fine"] and "not valid JSON" in skipped[0].reason
     with pytest.raises(ValueError, match="unknown assignment"):
         find_submissions([unknown], assignment="99_nothing")
+
+
+def test_symlinks_and_odd_names_are_reported_never_followed(tmp_path: Path) -> None:
+    """Symlinked notebooks and student folders are refused and listed; a name that is not
+    UTF-8 is graded under an escaped name."""
+    tree = tmp_path / "submitted"
+    outside = _tiny_notebook(tmp_path / "elsewhere" / "x.ipynb", [])
+    _tiny_notebook(tree / "ann" / NB01 / "experts_and_gating.ipynb", [])
+    (tree / "bob" / NB01).mkdir(parents=True)
+    (tree / "bob" / NB01 / "experts_and_gating.ipynb").symlink_to(outside)
+    (tree / "cat").symlink_to(tree / "ann")
+    odd = os.fsdecode(b"d\xe9d")
+    _tiny_notebook(tree / odd / NB01 / "experts_and_gating.ipynb", [])
+    found, skipped = discover([tree])
+    assert [s.student for s in found] == ["ann", "d\\xe9d"]
+    assert sorted(Path(s.path).name for s in skipped) == ["cat", "experts_and_gating.ipynb"]
+    assert all("symlink" in s.reason for s in skipped)
 
 
 def test_unreadable_notebooks_are_refused_with_a_reason(tmp_path: Path) -> None:
@@ -247,6 +273,63 @@ def test_gradebook_files_hold_the_scores_and_no_hidden_checks(tmp_path: Path) ->
                                                           "grades.json"]
 
 
+def test_gradebook_survives_colliding_names_and_unwritable_feedback(tmp_path: Path) -> None:
+    """`a b` and `a_b` get two feedback pages; a page that cannot be written is reported and
+    the gradebook is still written; an output folder that refuses even that gets it beside."""
+    out = tmp_path / "out"
+    (out / "feedback" / safe_name("zed")).mkdir(parents=True)
+    (out / "feedback" / safe_name("zed") / f"{NB01}.md").mkdir()  # a folder where a page goes
+    assert not write_gradebook(out, [_result("a b", 2.0), _result("a_b", 0.0),
+                                     _result("zed", 2.0)])
+    pages = {p.parent.name: p.read_text() for p in (out / "feedback").glob("*/*.md")
+             if p.is_file()}
+    assert "feedback for a b" in pages[safe_name("a b")]
+    assert "feedback for a_b" in pages["a_b"]
+    report = json.loads((out / "grades.json").read_text())
+    assert not report["complete"] and "feedback for zed" in report["errors"][0]
+    assert len(read_grades(out)) == 3
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "grades.json").mkdir()  # cannot be replaced by a file
+    assert not write_gradebook(locked, [_result("a", 2.0)])
+    (elsewhere,) = tmp_path.glob("locked.gradebook-*")
+    assert read_grades(elsewhere) == {("a", NB01, "ex01_expert"): (2.0, 2.0)}
+
+
+def _immutable(path: Path, on: bool) -> None:
+    import fcntl
+    import struct
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        flags = struct.unpack("l", fcntl.ioctl(fd, 0x80086601, struct.pack("l", 0)))[0]
+        flags = flags | 0x10 if on else flags & ~0x10  # FS_IMMUTABLE_FL
+        fcntl.ioctl(fd, 0x40086602, struct.pack("l", flags))
+    finally:
+        os.close(fd)
+
+
+def test_an_immutable_output_folder_costs_no_gradebook(tmp_path: Path) -> None:
+    """The immutable flag (as a learner with root's powers would set it, through ioctl) on
+    the feedback folder: each page is reported; on --out itself: the gradebook is written
+    beside it. (Setting the flag needs CAP_LINUX_IMMUTABLE: these tests run as root.)"""
+    out = tmp_path / "out"
+    (out / "feedback").mkdir(parents=True)
+    _immutable(out / "feedback", True)
+    try:
+        assert not write_gradebook(out, [_result("a", 2.0), _result("b", 0.0)])
+        report = json.loads((out / "grades.json").read_text())
+        assert len(report["errors"]) == 2 and "feedback for a/" in report["errors"][0]
+        assert len(read_grades(out)) == 2
+        _immutable(out, True)
+        assert not write_gradebook(out, [_result("a", 2.0)])
+        (elsewhere,) = tmp_path.glob("out.gradebook-*")
+        assert "refused the gradebook" in (elsewhere / "grades.json").read_text()
+    finally:
+        _immutable(out, False)
+        _immutable(out / "feedback", False)
+
+
 def test_shards_merge_into_one_gradebook(tmp_path: Path) -> None:
     subs = [Submission(s, NB01, Path(s)) for s in "abcdefg"]
     parts = [shard(subs, f"{k}/3") for k in (1, 2, 3)]
@@ -278,7 +361,7 @@ import moe_course.gating as gating
 from moe_course import experts
 from moe_course.grading import exercises_for
 from moe_course.grading.guard import ReferenceCalled, reference_guard
-from moe_course.grading import sandbox_worker as w
+from moe_course.grading.autograde import worker as w
 x, w_gate = torch.randn(3, 4), torch.randn(4, 2)
 expected = torch.softmax(x @ w_gate, dim=-1)
 alias = gating.softmax_gate
@@ -337,6 +420,8 @@ def test_a_sandbox_walls_in_processes_files_signals_and_sockets(tmp_path: Path) 
     assert run.walls.get("landlock", 0) >= 1 and run.walls.get("seccomp"), run.walls
     assert sorted(run.cell_errors) == list(range(1, 1 + len(WALLED))), run.cell_errors
     assert all("Permission" in e or "Operation not permitted" in e or "denied" in e
+               or (run.walls["net_namespace"] and "Connection refused" in e)  # alone there
+               or (run.walls["own_uid"] and "does not exist" in e)  # cannot even look
                for e in run.cell_errors.values()), run.cell_errors
     assert not outside.exists()
     for probe in exercise.visible + exercise.hidden:
@@ -349,8 +434,8 @@ def test_a_sandbox_walls_in_processes_files_signals_and_sockets(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_the_plugin_runs_under_plain_pytest(tmp_path: Path) -> None:
-    """`pytest -p moe_course.grading.pytest_grader --submission ...`: one item per exercise,
-    named student/assignment::grade_id, failing with the check's message."""
+    """`pytest -p moe_course.grading.autograde.pytest_plugin --submission ...`: one item per
+    exercise, named student/assignment::grade_id, failing with the check's message."""
     folder = tmp_path / "class"
     folder.mkdir()
     nbformat.write(submission(NB01), folder / "ada.ipynb")
@@ -358,7 +443,7 @@ def test_the_plugin_runs_under_plain_pytest(tmp_path: Path) -> None:
     (folder / "conftest.py").write_text("raise SystemExit('a conftest next to a submission')")
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "moe_course.grading.pytest_grader",
+        [sys.executable, "-m", "pytest", "-p", "moe_course.grading.autograde.pytest_plugin",
          "-c", str(tmp_path / "pytest.ini"), "-p", "no:cacheprovider", "-rA",
          "--submission", str(folder), "--grades-out", str(tmp_path / "out")],
         cwd=tmp_path, capture_output=True, text=True, env=jupyter_env(tmp_path / "env"))

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from test_grader import jupyter_env, read_grades, run_grade, submission, write_submission
 
-from moe_course.grading.grade import resolve_shard
+from moe_course.grading.autograde.grade import resolve_shard
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "docs" / "examples"

@@ -1,8 +1,9 @@
 """pytest plugin of the course's grader: each autograded exercise of a submission is a test.
 
-    pytest -p moe_course.grading.pytest_grader --noconftest --submission alice.ipynb \\
+    pytest -p moe_course.grading.autograde.pytest_plugin --noconftest --submission alice.ipynb \\
            [--submission submitted/] [--grades-out DIR] [--grader-timeout S] \\
-           [--grader-memory MB] [-n 4 --dist loadscope]
+           [--grader-memory MB] [--grader-...: every field of `Limits`] \\
+           [--require-isolation] [-n 4 --dist loadscope]
 
 For every submission (see `grade.find_submissions`) the plugin collects one item per
 autograded exercise, with node id `<student>/<assignment>::<grade_id>`. The first item of a
@@ -25,17 +26,26 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import Tensor
 
-from .grade import NotebookError, Submission, find_submissions, read_cells, write_gradebook
-from .probe import CheckFailure
-from .registry import Exercise
-from .runner import judge_probe
-from .sandbox import Limits, SandboxRun, run_sandboxed
+from ..probe import CheckFailure
+from ..registry import Exercise
+from ..runner import judge_probe
+from .grade import (
+    NotebookError,
+    Submission,
+    discover,
+    printable,
+    read_cells,
+    write_gradebook,
+)
+from .limits import Limits, add_options, from_options
+from .sandbox import SandboxRun, isolation, run_sandboxed
 
 PROPERTY = "moe_course_grade"  # user_properties key of an item's result (a JSON string)
 _EXERCISE_KEYS = ("exercise", "symbol", "score", "max_score", "status", "checks", "worker")
@@ -143,7 +153,7 @@ class SubmissionNode(pytest.Collector):
         self._run: SandboxRun | None = None
         self._problem: str | None = None
         try:
-            self._cells = read_cells(submission.path)
+            self._cells = read_cells(submission.path, limits.notebook_mb << 20)
         except NotebookError as exc:
             self._cells, self._problem = [], str(exc)
 
@@ -154,7 +164,7 @@ class SubmissionNode(pytest.Collector):
     def sandbox_run(self) -> tuple[SandboxRun | None, str | None]:
         if self._run is None and self._problem is None:
             self._run = run_sandboxed(self._cells, self.submission.exercises, self.limits,
-                                      probe_inputs)
+                                      probe_inputs, self.submission.path)
         return self._run, self._problem
 
     def summary(self) -> dict[str, Any]:
@@ -165,7 +175,7 @@ class SubmissionNode(pytest.Collector):
             {"cell": i, "grade_id": grade_ids.get(i), "error": e, "stopped": i in run.stopped}
             for i, e in sorted(run.cell_errors.items())]
         return {"student": self.submission.student, "assignment": self.submission.assignment,
-                "notebook": str(self.submission.path), "cell_errors": errors,
+                "notebook": printable(str(self.submission.path)), "cell_errors": errors,
                 "attempts": run.attempts if run else 0,
                 "seconds": round(run.seconds, 2) if run else 0.0,
                 "isolation": run.walls if run else {},
@@ -184,7 +194,10 @@ class ExerciseItem(pytest.Item):
     def runtest(self) -> None:
         node: SubmissionNode = self.parent  # type: ignore[assignment]
         run, problem = node.sandbox_run()
-        result = judge_exercise(self.exercise, run, problem)
+        tampered = [c.tampered for c in node._cells
+                    if c.tampered and c.grade_id == self.exercise.grade_id]
+        result = judge_exercise(self.exercise, run, problem or (tampered[0] if tampered
+                                                                else None))
         result["worker"] = os.environ.get("PYTEST_XDIST_WORKER", "main")
         self.user_properties.append((PROPERTY, json.dumps({**node.summary(), **result})))
         if result["status"] != "passed":
@@ -208,13 +221,21 @@ class GraderSession:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.limits = Limits(timeout=config.getoption("grader_timeout"),
-                             memory_mb=config.getoption("grader_memory"))
+        self.limits = from_options(config, "grader-")
+        self.isolation = isolation()
+        if self.isolation.down and config.getoption("require_isolation"):
+            raise pytest.UsageError("--require-isolation: walls are down on this machine: "
+                                    + "; ".join(self.isolation.down))
         try:
-            self.submissions = find_submissions(config.getoption("submission"),
-                                                config.getoption("grader_assignment"))
+            self.submissions, skipped = discover(_submission_paths(config),
+                                                 config.getoption("grader_assignment"))
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
+        self.skipped = [{"path": s.path, "reason": s.reason} for s in skipped]
+        more = config.getoption("grader_skipped")
+        if more:
+            with open(more, encoding="utf-8") as f:
+                self.skipped += json.load(f)
         self.results: dict[str, dict[str, Any]] = {}
 
     def _controller_of_workers(self) -> bool:
@@ -227,7 +248,8 @@ class GraderSession:
         items: list[pytest.Item] = []
         for sub in self.submissions:
             node = SubmissionNode.from_parent(session, name=sub.key, nodeid=sub.key,
-                                              path=sub.path, submission=sub,
+                                              path=Path(printable(str(sub.path))),
+                                              submission=sub,
                                               limits=self.limits)
             items += node.collect()
         session.items = items
@@ -263,13 +285,15 @@ class GraderSession:
                     summary = {k: v for k, v in found.items() if k not in _EXERCISE_KEYS}
                 exercises.append({k: found[k] for k in _EXERCISE_KEYS if k in found})
             summary = summary or {"student": sub.student, "assignment": sub.assignment,
-                                  "notebook": str(sub.path), "cell_errors": [],
+                                  "notebook": printable(str(sub.path)), "cell_errors": [],
                                   "failure": "not run"}
             graded.append({**summary, "exercises": exercises, "manual": [
                 {"exercise": ex.grade_id, "max_score": float(ex.points)}
                 for ex in sub.exercises if ex.kind == "written"]})
-        limits = {"timeout": self.limits.timeout, "memory_mb": self.limits.memory_mb}
-        write_gradebook(out, graded, extra={"limits": limits})
+        write_gradebook(out, graded, extra={"limits": self.limits.to_dict(),
+                                            "isolation": self.isolation.walls,
+                                            "walls_down": list(self.isolation.down)},
+                        skipped=self.skipped)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -279,15 +303,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "tree (repeatable)")
     group.addoption("--grades-out", default=None, metavar="DIR",
                     help="write grades.csv, grades.json and feedback/ there at the end")
-    defaults = Limits()
-    group.addoption("--grader-timeout", type=float, default=defaults.timeout, metavar="S",
-                    help="wall seconds for one cell and for one exercise's checks")
-    group.addoption("--grader-memory", type=int, default=defaults.memory_mb, metavar="MB",
-                    help="address-space limit of the learner's process")
+    add_options(group.addoption, "grader-")
+    group.addoption("--grader-submissions", default=None, metavar="FILE",
+                    help="a JSON list of submission paths (like --submission)")
+    group.addoption("--grader-skipped", default=None, metavar="FILE",
+                    help="a JSON list of notebooks found but not graded ({path, reason}), "
+                         "for the gradebook")
+    group.addoption("--require-isolation", action="store_true", default=False,
+                    help="refuse to grade where any wall of the sandbox is down")
     group.addoption("--grader-assignment", default=None, metavar="NAME",
                     help="the assignment of notebooks whose path does not say it")
 
 
+def _submission_paths(config: pytest.Config) -> list[str]:
+    """--submission paths, and those listed in --grader-submissions (a JSON file, which
+    carries file names that are not UTF-8: pytest-xdist cannot pass them on its command
+    line)."""
+    paths = list(config.getoption("submission"))
+    listed = config.getoption("grader_submissions")
+    if listed:
+        with open(listed, encoding="utf-8") as f:
+            paths += json.load(f)
+    return paths
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    if config.getoption("submission"):
+    if config.getoption("submission") or config.getoption("grader_submissions"):
         config.pluginmanager.register(GraderSession(config), "moe_course_grader")

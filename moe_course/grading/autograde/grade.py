@@ -7,9 +7,10 @@
 PATH is a submission notebook, a folder of them, or nbgrader's `submitted/` tree
 (`submitted/<student>/<assignment>/<notebook>.ipynb`: student and assignment come from the
 path; elsewhere the student is the notebook's file name and the assignment is read from its
-cells' grade_ids). The grading itself is a pytest run of `moe_course.grading.pytest_grader`
-(one test item per autograded exercise of each submission, in parallel over `--jobs`
-pytest-xdist workers); this module finds the submissions, starts that run, and writes:
+cells' grade_ids). The grading itself is a pytest run of
+`moe_course.grading.autograde.pytest_plugin` (one test item per autograded exercise of each
+submission, in parallel over `--jobs` pytest-xdist workers); this module finds the
+submissions, starts that run, and writes:
 
 - `DIR/grades.csv`: exactly `student,assignment,exercise,score,max_score`, one row per
   autograded exercise of each submission (also when it crashed or is missing; `exercise` is
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import importlib.util
 import io
 import json
@@ -48,11 +50,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .registry import EXERCISES, Exercise, exercises_for
-from .sandbox import Cell, Limits
+from ..registry import EXERCISES, Exercise, exercises_for
+from .limits import Limits, add_options, from_options, to_options
+from .sandbox import Cell
 
 CSV_COLUMNS = ("student", "assignment", "exercise", "score", "max_score")
-NOTEBOOK_LIMIT = 64 << 20  # largest notebook file read (bytes); outputs make most of it
+NOTEBOOK_LIMIT = Limits().notebook_mb << 20  # largest notebook file read, by default (bytes)
 ASSIGNMENTS = frozenset(ex.assignment for ex in EXERCISES.values())
 
 
@@ -78,7 +81,7 @@ class Submission:
         return exercises_for(self.assignment)
 
 
-def read_cells(path: Path) -> list[Cell]:
+def read_cells(path: Path, limit: int = NOTEBOOK_LIMIT) -> list[Cell]:
     """The code cells of a notebook file, read as plain JSON (outputs are ignored).
 
     Raises `NotebookError` for a file that is too large, not JSON, or not shaped like a
@@ -86,11 +89,11 @@ def read_cells(path: Path) -> list[Cell]:
     """
     try:
         with open(path, "rb") as f:
-            data = f.read(NOTEBOOK_LIMIT + 1)
+            data = f.read(limit + 1)
     except OSError as exc:
         raise NotebookError(f"the notebook could not be read ({exc.strerror})") from None
-    if len(data) > NOTEBOOK_LIMIT:
-        raise NotebookError(f"the notebook is larger than {NOTEBOOK_LIMIT >> 20} MiB")
+    if len(data) > limit:
+        raise NotebookError(f"the notebook is larger than {limit >> 20} MiB")
     try:
         nb = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -111,9 +114,17 @@ def read_cells(path: Path) -> list[Cell]:
         grading = meta.get("nbgrader") if isinstance(meta, dict) else None
         grading = grading if isinstance(grading, dict) else {}
         grade_id = grading.get("grade_id")
-        cells.append(Cell(index=index, source=source,
-                          grade_id=grade_id if isinstance(grade_id, str) else None,
-                          tests=bool(grading.get("grade")) and not grading.get("solution")))
+        grade_id = grade_id if isinstance(grade_id, str) else None
+        tests = bool(grading.get("grade")) and not grading.get("solution")
+        answer = EXERCISES.get(grade_id or "")
+        tampered = None
+        if tests and answer is not None and answer.grade_id == grade_id:
+            tampered = (f"the nbgrader metadata of the answer cell {grade_id} was changed to "
+                        "grade: true, solution: false (a tests cell, which the grader never "
+                        "runs): tampering, so this exercise scores 0; restore the cell from "
+                        "the release")
+        cells.append(Cell(index=index, source=source, grade_id=grade_id, tests=tests,
+                          tampered=tampered))
     return cells
 
 
@@ -121,57 +132,112 @@ def _assignment_from_cells(path: Path) -> str:
     try:
         cells = read_cells(path)
     except NotebookError as exc:
-        raise ValueError(f"{path}: cannot tell its assignment: {exc}") from None
+        raise ValueError(f"cannot tell its assignment: {exc}") from None
     votes = Counter(EXERCISES[c.grade_id].assignment for c in cells
                     if c.grade_id in EXERCISES)
     if not votes:
-        raise ValueError(f"{path}: no cell has a grade_id of a known exercise, so its "
-                         "assignment is unknown; put it under <student>/<assignment>/ or pass "
-                         "--assignment")
+        raise ValueError("no cell has a grade_id of a known exercise, so its assignment is "
+                         "unknown; put it under <student>/<assignment>/ or pass --assignment")
     (best, n), *rest = votes.most_common()
     if rest and rest[0][1] == n:
-        raise ValueError(f"{path}: its cells belong to several assignments "
+        raise ValueError(f"its cells belong to several assignments "
                          f"({', '.join(sorted(votes))}); pass --assignment")
     return best
 
 
-def _notebooks(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*.ipynb") if p.is_file() and not any(
-            part.startswith(".") for part in p.relative_to(path).parts))
-    raise ValueError(f"{path}: no such file or folder")
+def printable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 become `\\xNN` escapes.
+
+    >>> printable("caf" + bytes([0xe9]).decode("utf-8", "surrogateescape"))
+    'caf\\\\xe9'
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def find_submissions(paths: Iterable[str | Path], assignment: str | None = None
-                     ) -> list[Submission]:
-    """The submissions under `paths`, sorted by student then assignment.
+@dataclass(frozen=True)
+class Skipped:
+    """A notebook (or folder) that was found but is not graded, and why."""
+
+    path: str  # as text (see `printable`)
+    reason: str
+
+
+def _walk(root: Path, skipped: list[Skipped]) -> list[Path]:
+    """The notebooks under `root` (the instructor's path, resolved), never following a
+    symlink below it: each one met (to a notebook or a folder, inside the tree or out of
+    it) is refused and reported."""
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise ValueError(f"{printable(str(root))}: no such file or folder")
+    found = []
+    for folder, dirs, files in os.walk(root, onerror=lambda exc: skipped.append(
+            Skipped(printable(str(exc.filename)), f"cannot be read ({exc.strerror})"))):
+        here = Path(folder)
+        for name in sorted(dirs):
+            if (here / name).is_symlink():
+                skipped.append(Skipped(printable(str(here / name)), "a symlinked folder: "
+                                       "refused (never followed out of the tree)"))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and not (here / d).is_symlink())
+        for name in sorted(files):
+            if not name.endswith(".ipynb"):
+                continue
+            path = here / name
+            if path.is_symlink():
+                skipped.append(Skipped(printable(str(path)), "a symlinked notebook: refused "
+                                       "(never followed out of the tree)"))
+            elif path.is_file():
+                found.append(path)
+    return found
+
+
+def discover(paths: Iterable[str | Path], assignment: str | None = None
+             ) -> tuple[list[Submission], list[Skipped]]:
+    """The submissions under `paths`, sorted by student then assignment, and the notebooks
+    found but not graded, each with its reason.
 
     A notebook in a folder named like an assignment (`<student>/<assignment>/x.ipynb`, as in
     nbgrader's `submitted/` tree) is that student's work for that assignment; any other
     notebook is the work of the student named by its file name, for `assignment` or else for
-    the assignment its cells' grade_ids belong to.
+    the assignment its cells' grade_ids belong to. One notebook's problem never stops the
+    others: a notebook whose assignment cannot be told, two notebooks for one student and
+    assignment, and symlinks are skipped with a reason. Only misuse raises ValueError (an
+    unknown `assignment`, a path that does not exist).
     """
     if assignment is not None and assignment not in ASSIGNMENTS:
         raise ValueError(f"unknown assignment {assignment!r}; known: "
                          f"{', '.join(sorted(ASSIGNMENTS))}")
-    found: dict[str, Submission] = {}
-    duplicates = []
+    skipped: list[Skipped] = []
+    by_key: dict[str, list[Submission]] = {}
     for given in paths:
-        for nb in _notebooks(Path(given)):
-            nb = nb.resolve()
+        for nb in _walk(Path(given).resolve(), skipped):
             if nb.parent.name in ASSIGNMENTS and nb.parent.parent != nb.parent:
-                sub = Submission(nb.parent.parent.name, nb.parent.name, nb)
+                sub = Submission(printable(nb.parent.parent.name), nb.parent.name, nb)
             else:
-                sub = Submission(nb.stem, assignment or _assignment_from_cells(nb), nb)
-            if sub.key in found and found[sub.key].path != nb:
-                duplicates.append(f"{sub.key}: {found[sub.key].path} and {nb}")
-            found[sub.key] = sub
-    if duplicates:
-        raise ValueError("two notebooks for the same student and assignment:\n  "
-                         + "\n  ".join(duplicates))
-    return sorted(found.values(), key=lambda s: (s.student, s.assignment))
+                try:
+                    sub = Submission(printable(nb.stem), assignment or
+                                     _assignment_from_cells(nb), nb)
+                except ValueError as exc:
+                    skipped.append(Skipped(printable(str(nb)), str(exc)))
+                    continue
+            if all(other.path != nb for other in by_key.get(sub.key, [])):
+                by_key.setdefault(sub.key, []).append(sub)
+    found = []
+    for key, subs in by_key.items():
+        if len(subs) == 1:
+            found.append(subs[0])
+        else:
+            skipped += [Skipped(printable(str(s.path)), f"two notebooks for {key}: "
+                                f"{', '.join(printable(str(o.path)) for o in subs)}; "
+                                "keep one") for s in subs]
+    return sorted(found, key=lambda s: (s.student, s.assignment)), skipped
+
+
+def find_submissions(paths: Iterable[str | Path], assignment: str | None = None
+                     ) -> list[Submission]:
+    """The submissions of `discover`, without what it skipped."""
+    return discover(paths, assignment)[0]
 
 
 def shard(submissions: Sequence[Submission], spec: str) -> list[Submission]:
@@ -255,9 +321,19 @@ def resolve_shard(spec: str, count: int | None = None,
 # The gradebook: grades.csv, grades.json and feedback, from the per-exercise results.
 
 
-def _safe_name(name: str) -> str:
-    clean = re.sub(r"[^\w.@+-]", "_", name).lstrip(".")
-    return clean or "_"
+def safe_name(name: str) -> str:
+    """A file name for `name`: itself when it is plain (letters, digits, `_.@+-`, no leading
+    dot), else a cleaned form with a digest of the original, so that two names never share
+    a file (`a b` and `a_b`).
+
+    >>> safe_name("a_b"), safe_name("a b"), safe_name("a?b") != safe_name("a b")
+    ('a_b', 'a_b~c8687a08', True)
+    """
+    clean = re.sub(r"[^\w.@+-]", "_", name, flags=re.ASCII).lstrip(".")
+    if clean == name and clean:
+        return clean
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{clean[:80] or '_'}~{digest}"
 
 
 def _one_line(text: Any, limit: int = 600) -> str:
@@ -328,26 +404,64 @@ def csv_text(submissions: Sequence[dict[str, Any]]) -> str:
 
 
 def write_gradebook(out: Path, submissions: Sequence[dict[str, Any]],
-                    errors: Sequence[str] = (), extra: dict[str, Any] | None = None) -> bool:
-    """Write grades.csv, grades.json and the feedback pages; return whether all was graded."""
+                    errors: Sequence[str] = (), extra: dict[str, Any] | None = None,
+                    skipped: Sequence[Skipped | dict[str, str]] = ()) -> bool:
+    """Write grades.csv, grades.json and the feedback pages; return whether all was graded.
+
+    A feedback page that cannot be written is listed in grades.json (`errors`), never a
+    reason to write no gradebook. When `out` itself refuses grades.csv or grades.json, the
+    gradebook goes to a fresh folder beside it (or in the temporary folder), named on stderr
+    and in the exception-free return: the class always gets its gradebook.
+    """
     out = Path(out)
     submissions = sorted(submissions, key=lambda s: (s["student"], s["assignment"]))
-    complete = not errors and all(e["status"] != "not graded"
-                                  for s in submissions for e in s["exercises"])
+    skipped = [s if isinstance(s, dict) else {"path": s.path, "reason": s.reason}
+               for s in skipped]
+    errors = list(errors)
     for sub in submissions:
-        page = out / "feedback" / _safe_name(sub["student"]) / f"{_safe_name(sub['assignment'])}.md"
-        _write_atomic(page, feedback_markdown(sub))
-    report = {"complete": complete, "errors": list(errors), **(extra or {}),
+        page = out / "feedback" / safe_name(sub["student"]) / f"{safe_name(sub['assignment'])}.md"
+        try:
+            _write_atomic(page, feedback_markdown(sub))
+        except OSError as exc:
+            errors.append(f"feedback for {sub['student']}/{sub['assignment']} not written "
+                          f"to {page}: {exc.strerror or exc}")
+    complete = not errors and not skipped and all(
+        e["status"] != "not graded" for s in submissions for e in s["exercises"])
+    report = {"complete": complete, "errors": errors, **(extra or {}), "skipped": skipped,
               "submissions": list(submissions)}
-    _write_atomic(out / "grades.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
-    _write_atomic(out / "grades.csv", csv_text(submissions))
+    files = {"grades.json": json.dumps(report, indent=1, sort_keys=True) + "\n",
+             "grades.csv": csv_text(submissions)}
+    try:
+        for name, text in files.items():
+            _write_atomic(out / name, text)
+    except OSError as exc:
+        elsewhere = _fallback_folder(out)
+        print(f"moe-course grade: {out} refused the gradebook ({exc.strerror or exc}); "
+              f"it is in {elsewhere}", file=sys.stderr)
+        report["errors"].append(f"{out} refused the gradebook; written to {elsewhere}")
+        report["complete"] = False
+        files["grades.json"] = json.dumps(report, indent=1, sort_keys=True) + "\n"
+        for name, text in files.items():
+            _write_atomic(elsewhere / name, text)
+        return False
     return complete
+
+
+def _fallback_folder(out: Path) -> Path:
+    for parent in (out.parent, Path(tempfile.gettempdir())):
+        try:
+            return Path(tempfile.mkdtemp(prefix=f"{out.name}.gradebook-", dir=parent))
+        except OSError:
+            continue
+    raise OSError(f"no folder accepts the gradebook (tried beside {out} and the temporary "
+                  "folder)")
 
 
 def merge(folders: Sequence[str | Path], out: str | Path) -> bool:
     """Merge the grades.json of several shards into one gradebook in `out`."""
     submissions: dict[str, dict[str, Any]] = {}
     errors: list[str] = []
+    skipped: dict[str, dict[str, str]] = {}  # every shard lists them all: once each here
     for folder in folders:
         path = Path(folder) / "grades.json"
         try:
@@ -355,12 +469,14 @@ def merge(folders: Sequence[str | Path], out: str | Path) -> bool:
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: not a grader output ({exc})") from None
         errors += [f"{folder}: {e}" for e in report.get("errors", [])]
+        skipped.update({s["path"]: s for s in report.get("skipped", [])})
         for sub in report.get("submissions", []):
             key = f"{sub['student']}/{sub['assignment']}"
             if key in submissions:
                 raise ValueError(f"{key} was graded in two shards; grade each once")
             submissions[key] = sub
-    return write_gradebook(Path(out), list(submissions.values()), errors)
+    return write_gradebook(Path(out), list(submissions.values()), errors,
+                           skipped=list(skipped.values()))
 
 
 # ----------------------------------------------------------------------------------------
@@ -378,13 +494,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="where grades.csv, grades.json and feedback/ go")
     parser.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
                         help="submissions graded in parallel (pytest-xdist workers)")
-    defaults = Limits()
-    parser.add_argument("--timeout", type=float, default=defaults.timeout, metavar="S",
-                        help="wall seconds for one cell and for one exercise's checks "
-                             f"(default {defaults.timeout:g})")
-    parser.add_argument("--memory", type=int, default=defaults.memory_mb, metavar="MB",
-                        help="address-space limit of a learner's process "
-                             f"(default {defaults.memory_mb})")
+    limits = parser.add_argument_group("limits of a sandboxed run")
+    add_options(limits.add_argument)
+    parser.add_argument("--require-isolation", action="store_true",
+                        help="refuse to grade (exit 2) where any wall of the sandbox is down "
+                             "on this machine; without it the grader says which are down, "
+                             "once, and grades")
     parser.add_argument("--assignment", help="the assignment of notebooks whose path does "
                                              "not say it")
     parser.add_argument("--shard", metavar="K/N", help="grade only every N-th submission, "
@@ -404,19 +519,20 @@ def pytest_args(paths: Sequence[str | Path], out: str | Path, jobs: int, limits:
     """The pytest command line of a grading run (without the leading `pytest`)."""
     ini = Path(config_dir) / "pytest.ini"
     ini.write_text("[pytest]\n")  # an empty config: no addopts, conftests or paths of others
-    args = ["-p", "moe_course.grading.pytest_grader", "-c", str(ini), "--rootdir", config_dir,
+    args = ["-p", "moe_course.grading.autograde.pytest_plugin", "-c", str(ini),
+            "--rootdir", config_dir,
             "--noconftest", "-p", "no:cacheprovider", "-q", "--tb=no", "-rN",
-            "--grades-out", str(out), "--grader-timeout", str(limits.timeout),
-            "--grader-memory", str(limits.memory_mb)]
+            "--grades-out", str(out), *to_options(limits, "grader-")]
     if assignment:
         args += ["--grader-assignment", assignment]
     if jobs > 1:
         if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
             args += ["-p", "xdist.plugin"]  # otherwise it is loaded as installed
         args += ["-n", str(jobs), "--dist", "loadscope"]  # scope: student/assignment
-    for path in paths:
-        args += ["--submission", str(Path(path).resolve())]
-    return args
+    listed = Path(config_dir) / "submissions.json"  # names that are not UTF-8 survive JSON
+    listed.write_text(json.dumps([str(Path(path).resolve()) for path in paths]),
+                      encoding="utf-8")
+    return args + ["--grader-submissions", str(listed)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -435,8 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--jobs must be >= 1; got {args.jobs}")
         if args.jobs > 1 and importlib.util.find_spec("xdist") is None:
             raise ValueError("--jobs > 1 needs pytest-xdist: pip install pytest-xdist")
-        limits = Limits(timeout=args.timeout, memory_mb=args.memory)
-        subs = find_submissions(args.paths, args.assignment)
+        limits = from_options(args)
+        subs, skipped = discover(args.paths, args.assignment)
         if args.shard:
             subs = shard(subs, resolve_shard(args.shard, args.shard_count))
         elif args.shard_count is not None:
@@ -444,15 +560,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"moe-course grade: {exc}", file=sys.stderr)
         return 2
-    if not subs:
+    for item in skipped:
+        print(f"moe-course grade: skipped {item.path}: {item.reason}", file=sys.stderr)
+    if not subs and not skipped:
         print("moe-course grade: no submissions found", file=sys.stderr)
         return 2
     import pytest
 
+    from .sandbox import isolation
+
+    down = isolation().down
+    if down:  # said once, up front
+        print("moe-course grade: walls down on this machine: " + "; ".join(down),
+              file=sys.stderr)
+        if args.require_isolation:
+            print("moe-course grade: --require-isolation: not grading", file=sys.stderr)
+            return 2
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="moe-grade-config-") as config_dir:
-        code = pytest.main(pytest_args([s.path for s in subs], args.out, min(args.jobs,
-                                       len(subs)), limits, args.assignment, config_dir))
+        extra = ["--require-isolation"] if args.require_isolation else []
+        listed = Path(config_dir) / "skipped.json"
+        listed.write_text(json.dumps([{"path": s.path, "reason": s.reason} for s in skipped]),
+                          encoding="utf-8")
+        extra += ["--grader-skipped", str(listed)]
+        if subs:
+            code = pytest.main(pytest_args([s.path for s in subs], args.out, min(
+                args.jobs, len(subs)), limits, args.assignment, config_dir) + extra)
+        else:  # nothing to grade, but the skipped ones still get their gradebook
+            code = 0
+            write_gradebook(Path(args.out), [], skipped=skipped)
     try:
         report = json.loads((Path(args.out) / "grades.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):

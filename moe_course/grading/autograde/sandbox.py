@@ -5,20 +5,22 @@ a fresh worker process and, at each exercise's tests cell, has the worker call t
 object on the probe inputs that this (trusted) process made (`plan`). It returns what came
 back, as plain data, for `judge_probe` to judge here. The worker is forked from a `Zygote`,
 a clean process that imported torch once, or else spawned as ``python -m
-moe_course.grading.sandbox_worker``. The learner's process:
+moe_course.grading.autograde.worker``. The learner's process:
 
 - starts in its own session with a minimal environment and its own temporary working
   folder (also its HOME and TMPDIR), and sets its own limits before any learner code runs:
   address space (`Limits.memory_mb`), file size (`Limits.file_mb`), CPU time, open files,
-  core dumps, processes (for a non-root user);
-- walls itself in where the kernel allows (see `sandbox_worker`): Landlock, seccomp, an
-  audit hook;
+  core dumps, threads (`Limits`);
+- walls itself in where the kernel allows (`walls`): an own uid, namespaces, Landlock,
+  seccomp, an audit hook; `isolation()` says up front which walls a sandbox gets here, and a
+  sandbox that reports fewer is not graded;
 - gets `Limits.timeout` seconds of wall time per cell and per exercise's checks. When a step
   overruns, it is sent SIGINT (ending the cell with KeyboardInterrupt, as Jupyter's
   interrupt does); if it is still running a few seconds later, its whole process group is
   killed, and then anything it left behind. A step that hangs or kills the process
   (`os._exit`, a crash, the memory limit) is blamed, and a fresh sandbox reruns the notebook
-  without it, at most `Limits.attempts` times in all;
+  without it (a learner function it hung in is skipped instead, wherever it is called), at
+  most `Limits.attempts` times and `Limits.budget` seconds in all;
 - reports through a pipe as length-prefixed frames. Each frame must be a `torch.save` zip
   archive of stored (uncompressed) entries, at most `Limits.result_mb` in all, carrying this
   run's random nonce; it is read with `torch.load(weights_only=True)`, which builds tensors
@@ -30,53 +32,43 @@ Nothing the process says is believed: it reports outputs, and the grader judges 
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import hmac
 import io
-import json
+import itertools
 import os
 import secrets
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..validation import positive_float, positive_int
-from .registry import Exercise
-from .sandbox_worker import FRAME_HEADER
-
-WORKER = "moe_course.grading.sandbox_worker"
-GRACE_S = 5.0  # seconds a step has to stop after SIGINT before its process group is killed
-STARTUP_S = 60.0  # seconds the worker may take to import torch and report ready
-LOG_BYTES = 4096  # how much of the worker's log a failure report quotes
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one sandboxed run of a submission may use."""
-
-    timeout: float = 60.0  # wall seconds for one cell, and for one exercise's checks
-    memory_mb: int = 3072  # address space of the learner's process (RLIMIT_AS), MiB
-    file_mb: int = 64  # largest file it may write, its log included (RLIMIT_FSIZE), MiB
-    attempts: int = 3  # fresh sandboxes per submission, each skipping what ended the last
-    result_mb: int = 64  # most result data read back from one sandbox, MiB
-
-    def __post_init__(self) -> None:
-        positive_float("timeout", self.timeout)
-        for name in ("memory_mb", "file_mb", "attempts", "result_mb"):
-            positive_int(name, getattr(self, name))
+from ..registry import Exercise
+from . import walls
+from .limits import Limits
+from .protocol import (
+    CELL,
+    CELL_STEP,
+    DONE,
+    END,
+    FRAME_HEADER,
+    HANG,
+    PROBE,
+    PROBE_STEP,
+    READY,
+    START,
+)
+from .zygote import _HELPERS, WORKER, Zygote, sandbox_env
 
 
 @dataclass(frozen=True)
@@ -87,6 +79,7 @@ class Cell:
     source: str  # the code as submitted
     grade_id: str | None = None  # nbgrader grade_id, when the cell has one
     tests: bool = False  # an nbgrader tests cell (graded, not an answer): never executed
+    tampered: str | None = None  # why its nbgrader metadata is not what the release gave
 
 
 @dataclass
@@ -132,19 +125,20 @@ def plan(cells: Sequence[Cell], exercises: Sequence[Exercise]) -> list[dict[str,
         if exercise is not None:
             if exercise.grade_id not in probed:
                 probed.add(exercise.grade_id)
-                steps.append({"kind": "probe", "grade_id": exercise.grade_id})
+                steps.append({"kind": PROBE_STEP, "grade_id": exercise.grade_id})
         elif not cell.tests:
-            steps.append({"kind": "cell", "index": cell.index, "source": cell.source,
+            steps.append({"kind": CELL_STEP, "index": cell.index, "source": cell.source,
                           "grade_id": cell.grade_id})
-    steps += [{"kind": "probe", "grade_id": ex.grade_id} for ex in by_tests.values()
+    steps += [{"kind": PROBE_STEP, "grade_id": ex.grade_id} for ex in by_tests.values()
               if ex.grade_id not in probed]
-    while steps and steps[-1]["kind"] == "cell":
+    while steps and steps[-1]["kind"] == CELL_STEP:
         steps.pop()
     return steps
 
 
 def run_sandboxed(cells: Sequence[Cell], exercises: Sequence[Exercise], limits: Limits,
-                  inputs: Callable[[Exercise, Any], dict[str, Any]]) -> SandboxRun:
+                  inputs: Callable[[Exercise, Any], dict[str, Any]],
+                  submission: str | os.PathLike | None = None) -> SandboxRun:
     """Run a submission in sandboxes until every exercise has been probed or blamed.
 
     `inputs(exercise, probe)` gives the (trusted) inputs of a probe. A step that ends a
@@ -156,18 +150,27 @@ def run_sandboxed(cells: Sequence[Cell], exercises: Sequence[Exercise], limits: 
     steps = plan(cells, exercises)
     result = SandboxRun(probes={ex.grade_id: {} for ex in exercises})
     skip: set[int] = set()
+    hanging: set[tuple] = set()  # learner functions that hung: later runs skip their calls
+    retried: set[int] = set()  # steps run again after the function they hung in was found
     start = time.monotonic()
     last_reason = ""
     for _ in range(limits.attempts):
+        if time.monotonic() - start >= limits.budget:
+            last_reason = f"the notebook used up its {limits.budget:g} s time budget"
+            break
         order = [k for k, s in enumerate(steps) if k not in skip and not (
-            s["kind"] == "probe" and _complete(result, by_id[s["grade_id"]]))]
-        if not any(steps[k]["kind"] == "probe" for k in order):
+            s["kind"] == PROBE_STEP and _complete(result, by_id[s["grade_id"]]))]
+        if not any(steps[k]["kind"] == PROBE_STEP for k in order):
             break
         job_inputs = {f"{steps[k]['grade_id']}::{p.name}": inputs(by_id[steps[k]["grade_id"]], p)
-                      for k in order if steps[k]["kind"] == "probe"
+                      for k in order if steps[k]["kind"] == PROBE_STEP
                       for p in _probes(by_id[steps[k]["grade_id"]])}
-        attempt = _Attempt(steps, order, job_inputs, by_id, limits)
+        attempt = _Attempt(steps, order, job_inputs, by_id, limits, _own_folder(submission))
+        attempt.hanging = sorted(hanging)
+        attempt.until = start + limits.budget
         attempt.run()
+        new_hang = bool(attempt.learned - hanging)
+        hanging |= attempt.learned
         result.attempts += 1
         result.walls = attempt.walls or result.walls
         for k in attempt.cells_run:  # the latest run of a cell says how it went
@@ -183,8 +186,13 @@ def run_sandboxed(cells: Sequence[Cell], exercises: Sequence[Exercise], limits: 
         if attempt.culprit is None:
             break
         k, last_reason = attempt.culprit, attempt.reason
+        if new_hang and k not in retried:
+            # It hung inside a learner function, which the next sandbox skips: run the step
+            # again (once), so that what it does besides that call still counts.
+            retried.add(k)
+            continue
         skip.add(k)
-        if steps[k]["kind"] == "cell":
+        if steps[k]["kind"] == CELL_STEP:
             result.stopped.add(steps[k]["index"])
             result.cell_errors[steps[k]["index"]] = (f"{last_reason}; the grader ran the rest "
                                                      "of the notebook without this cell")
@@ -309,20 +317,6 @@ def _user_tasks() -> int:
     return count
 
 
-def _package_parent() -> str:
-    return str(Path(__file__).resolve().parent.parent.parent)
-
-
-def sandbox_env(folder: str) -> dict[str, str]:
-    """The whole environment of a learner's process: nothing of the grader's is passed on."""
-    return {"PATH": os.environ.get("PATH", os.defpath), "HOME": folder, "TMPDIR": folder,
-            "MPLCONFIGDIR": os.path.join(folder, ".matplotlib"), "MPLBACKEND": "Agg",
-            "PYTHONPATH": _package_parent(), "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "MOE_COURSE_GRADING": "1", "NBGRADER_EXECUTION": "autograde",
-            "TQDM_DISABLE": "1", "LANG": "C.UTF-8"}
-
-
 def _describe_exit(code: int) -> str:
     if code >= 0:
         return f"ended the grader's process (exit status {code}, e.g. os._exit)"
@@ -333,113 +327,6 @@ def _describe_exit(code: int) -> str:
         return (f"crashed the grader's process ({name}; running out of the "
                 "memory limit does this)")
     return f"ended the grader's process ({name})"
-
-
-# ----------------------------------------------------------------------------------------
-# Starting workers: forked from a zygote that imported torch once, or spawned afresh.
-
-
-_HELPERS: set[int] = set()  # zygotes: children of ours that a sweep must spare
-
-
-class _ZygoteUnavailable(Exception):
-    """The zygote could not start, or the kernel cannot wall its children in."""
-
-
-class Zygote:
-    """A clean process (no learner code ever runs in it) that has imported torch, matplotlib
-    and the grader, and forks a worker per job: each sandbox starts in milliseconds instead
-    of re-importing torch. Only used where Landlock keeps the forked workers from reaching
-    back into it (otherwise workers are spawned afresh)."""
-
-    _current: Zygote | None = None
-    _broken = False
-
-    def __init__(self) -> None:
-        self.owner = os.getpid()
-        self.folder = tempfile.mkdtemp(prefix="moe-zygote-")
-        self.exits: dict[int, int] = {}
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with open(os.path.join(self.folder, "log"), "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-s", "-B", "-m", WORKER, "--zygote", str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                cwd=self.folder, env=sandbox_env(self.folder), start_new_session=True)
-        child.close()
-        _HELPERS.add(self.proc.pid)
-        self.sock = parent
-        ready = self._receive("ready", STARTUP_S)
-        if ready is None or int(ready) < 1:
-            self.close()
-            raise _ZygoteUnavailable(f"zygote: {ready!r}")
-        atexit.register(self.close)
-
-    @classmethod
-    def get(cls) -> Zygote | None:
-        """This process's zygote, started on first use; None where it cannot be used."""
-        current = cls._current
-        if current is not None and current.owner == os.getpid() and current.proc.poll() is None:
-            return current
-        if cls._broken or not hasattr(socket, "send_fds"):
-            return None
-        try:
-            cls._current = cls()
-        except (_ZygoteUnavailable, OSError):
-            cls._broken = True
-            return None
-        return cls._current
-
-    def _receive(self, kind: str, timeout: float) -> str | None:
-        """The next `kind` message's argument (exit messages are recorded on the way)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
-                return None
-            data = self.sock.recv(256)
-            if not data:
-                return None
-            head, _, rest = data.decode().partition(" ")
-            if head == "exit":
-                pid, code = rest.split()
-                self.exits[int(pid)] = int(code)
-            elif head == kind:
-                return rest
-
-    def spawn(self, fds: Sequence[int], folder: str, env: dict[str, str]) -> int:
-        request = json.dumps({"folder": folder, "env": env}).encode()
-        socket.send_fds(self.sock, [request], list(fds))
-        pid = self._receive("pid", 30.0)
-        if pid is None:
-            raise OSError("the zygote did not fork a worker")
-        return int(pid)
-
-    def exit_code(self, pid: int, timeout: float = 0.0) -> int | None:
-        """`pid`'s exit code once the zygote reaped it; wait up to `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while pid not in self.exits:
-            left = deadline - time.monotonic()
-            if not select.select([self.sock], [], [], max(0.0, left))[0]:
-                return None
-            data = self.sock.recv(256)
-            if not data:
-                return -signal.SIGKILL  # the zygote is gone, and its children with it
-            head, _, rest = data.decode().partition(" ")
-            if head == "exit":
-                child, code = rest.split()
-                self.exits[int(child)] = int(code)
-        return self.exits.pop(pid)
-
-    def close(self) -> None:
-        self.sock.close()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        shutil.rmtree(self.folder, ignore_errors=True)
-        if Zygote._current is self:
-            Zygote._current = None
 
 
 class _Worker:
@@ -488,19 +375,70 @@ class _Worker:
             os.close(self.pidfd)
 
 
+@dataclass(frozen=True)
+class Isolation:
+    """The walls every sandbox of this process gets, found once by `walls.survey`."""
+
+    walls: dict[str, Any]  # walls.WALLS -> up (bool) or Landlock's ABI (int)
+    own_uids: bool  # a root grader hands each sandbox a uid of its own
+    down: tuple[str, ...]  # what is missing, in words (empty: every wall is up)
+
+
+_ISOLATION: dict[int, Isolation] = {}  # pid -> its survey (a fork surveys again)
+_SANDBOXES = itertools.count(1)
+
+
+def isolation() -> Isolation:
+    """What walls this machine gives a sandbox (surveyed once per process)."""
+    if os.getpid() not in _ISOLATION:
+        root = os.geteuid() == 0
+        own = root and walls.readable_by_others(walls.python_paths())
+        folder = tempfile.mkdtemp(prefix="moe-survey-")
+        try:
+            ids = walls.sandbox_ids(0) if own else None
+            if ids is not None:
+                os.chown(folder, *ids)
+            found = walls.survey(folder, ids)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        _ISOLATION[os.getpid()] = Isolation(found, own, tuple(walls.down(found, root)))
+    return _ISOLATION[os.getpid()]
+
+
+def _own_folder(path: str | os.PathLike | None) -> str | None:
+    """The submission's path when its folder holds no other notebook (then learner code may
+    read that folder); None otherwise."""
+    if path is None:
+        return None
+    folder = Path(path).parent
+    try:
+        others = [p for p in folder.iterdir() if p.suffix == ".ipynb" and p.name != Path(path).name]
+    except OSError:
+        return None
+    return None if others else str(path)
+
+
 class _Attempt:
     """One sandbox process: spawn, follow its frames against deadlines, sweep it away."""
 
     def __init__(self, steps: list[dict[str, Any]], order: list[int], inputs: dict[str, Any],
-                 exercises: dict[str, Exercise], limits: Limits) -> None:
+                 exercises: dict[str, Exercise], limits: Limits,
+                 submission: str | None = None) -> None:
         self.steps, self.order, self.inputs = steps, order, inputs
         self.exercises, self.limits = exercises, limits
+        self.submission = submission
+        self.isolation = isolation()
+        self.ids = (walls.sandbox_ids(next(_SANDBOXES)) if self.isolation.own_uids else None)
         self.nonce = secrets.token_hex(16)
         self.probes: dict[str, dict[str, ProbeOutcome]] = {}
         self.cell_errors: dict[int, str] = {}  # cell step -> its error
         self.cells_run: set[int] = set()  # cell steps that finished, with or without error
         self.stopped: set[int] = set()  # cell steps interrupted for running too long
         self.walls: dict[str, Any] = {}
+        self.hanging: list[tuple] = []  # learner functions known to hang (for the job)
+        self.learned: set[tuple] = set()  # functions found hanging in this run
+        self.where: dict[int, list] = {}  # step -> where it was when it neared the limit
+        self.until = float("inf")  # when the notebook's time budget runs out
         self.culprit: int | None = None  # the step blamed for ending the run early
         self.reason = ""
         self.failure: str | None = None
@@ -517,12 +455,20 @@ class _Attempt:
 
     def _job(self, folder: str) -> dict[str, Any]:
         n_steps = len(self.order) + 1
+        ids = self.ids
+        if ids is not None:
+            os.chown(folder, *ids)  # the sandbox's own uid owns its folder, and only that
+        nproc = (self.limits.processes if ids is not None else 0 if os.getuid() == 0
+                 else _user_tasks() + self.limits.processes)
         return {"nonce": self.nonce, "folder": folder, "steps": self.steps,
                 "run": self.order, "inputs": self.inputs,
                 "assignment": next(iter(self.exercises.values())).assignment,
+                "submission": self.submission, "ids": list(ids) if ids else None,
+                "hanging": [list(h) for h in self.hanging],
                 "limits": {"memory_mb": self.limits.memory_mb, "file_mb": self.limits.file_mb,
-                           "cpu_s": int(self.limits.timeout * n_steps + STARTUP_S),
-                           "nproc": 0 if os.getuid() == 0 else _user_tasks() + 64}}
+                           "cpu_s": int(self.limits.timeout * n_steps + self.limits.startup),
+                           "open_files": self.limits.open_files, "nproc": nproc,
+                           "timeout": self.limits.timeout}}
 
     def _start_and_follow(self, private: str, folder: str) -> None:
         job_path, log_path = os.path.join(private, "job.pt"), os.path.join(private, "log")
@@ -542,102 +488,146 @@ class _Attempt:
             worker.close()
         if self.failure is not None:
             with open(log_path, "rb") as f:
-                self.failure += "\n" + f.read(LOG_BYTES).decode("utf-8", "replace")
+                self.failure += "\n" + f.read(self.limits.log_bytes).decode("utf-8", "replace")
 
     def _follow(self, worker: _Worker, read_fd: int) -> None:
+        """Read the worker's frames until it ends, exits or runs past a deadline; in named
+        steps: `_read` a chunk, `_frames` in it, `_on_frame` for each, then `_exited` and
+        `_overdue` (which interrupts, or blames the step in progress)."""
         limits = self.limits
-        buffer, total = bytearray(), 0
-        queue = list(self.order)  # steps still to start
-        current: int | None = None  # step started and not yet done
-        ready, ended, interrupted, eof = False, False, False, False
-        seen: set[str] = set()
-        deadline = time.monotonic() + max(STARTUP_S, limits.timeout)
-        hard_stop = deadline + limits.timeout * (len(queue) + 1)
+        self.buffer, self.total, self.eof = bytearray(), 0, False
+        self.queue = list(self.order)  # steps still to start
+        self.current: int | None = None  # step started and not yet done
+        self.ready = self.ended = self.interrupted = False
+        self.seen: set[str] = set()
+        self.deadline = time.monotonic() + max(limits.startup, limits.timeout)
+        self.hard_stop = min(self.deadline + limits.timeout * (len(self.queue) + 1), self.until)
         os.set_blocking(read_fd, False)
         try:
-            while not ended:
-                wait = max(0.0, min(deadline, hard_stop) - time.monotonic())
-                waitable = worker.waitable()
-                fds = ([] if eof else [read_fd]) + ([waitable] if waitable is not None else [])
-                readable, _, _ = select.select(fds, [], [], min(wait, 0.25))
-                chunk = b""
-                if read_fd in readable:
-                    try:
-                        chunk = os.read(read_fd, 1 << 20)
-                        eof = not chunk  # every writer closed the pipe
-                    except BlockingIOError:
-                        chunk = b""
-                    total += len(chunk)
-                    if total > limits.result_mb << 20:
-                        raise _Violation(f"more than {limits.result_mb} MiB of results")
-                    buffer += chunk
-                while len(buffer) >= FRAME_HEADER.size and not ended:
-                    (size,) = FRAME_HEADER.unpack_from(buffer)
-                    if size > limits.result_mb << 20:
-                        raise _Violation("a frame larger than the result limit")
-                    if len(buffer) < FRAME_HEADER.size + size:
-                        break
-                    data = bytes(buffer[FRAME_HEADER.size:FRAME_HEADER.size + size])
-                    del buffer[:FRAME_HEADER.size + size]
-                    message = load_frame(data, self.nonce)
-                    kind = message.get("type")
-                    if not ready:
-                        if kind != "ready":
-                            raise _Violation(f"a {kind!r} frame before 'ready'")
-                        ready = True
-                        self.walls = {k: v for k, v in dict(message.get("walls", {})).items()
-                                      if isinstance(v, (bool, int))}
-                    elif kind == "start":
-                        if current is not None or not queue or message.get("step") != queue[0]:
-                            raise _Violation("a step started out of order")
-                        current = queue.pop(0)
-                        interrupted, seen = False, set()
-                    elif kind == "end" and current is None and not queue:
-                        ended = True
-                    elif current is None or message.get("step") != current:
-                        raise _Violation(f"a {kind!r} frame outside its step")
-                    elif self._record(current, kind, message, seen, interrupted):
-                        current = None
-                    if kind in ("ready", "start") or current is None:
-                        deadline = time.monotonic() + limits.timeout
-                if ended:
+            while not self.ended:
+                chunk, readable, waitable = self._read(worker, read_fd)
+                for message in self._frames():
+                    self._on_frame(message)
+                    if self.failure is not None:
+                        return
+                if self.ended:
                     break
-                if not chunk and (waitable is None or waitable in readable):
-                    code = worker.exited()
-                    if code is not None:
-                        if not ready:
-                            self.failure = f"the grader's sandbox did not start (exit {code})"
-                        else:
-                            self._blame(current, queue, _describe_exit(code))
-                        return
-                now = time.monotonic()
-                if now >= hard_stop:
-                    self._blame(current, queue, "ran past the time limit of the whole run")
+                if not chunk and (waitable is None or waitable in readable) and \
+                        self._exited(worker):
                     return
-                if now >= deadline:
-                    if not ready:
-                        self.failure = "the grader's sandbox did not start in time"
-                        return
-                    if current is None or interrupted:
-                        self._blame(current, queue, f"ran past the {limits.timeout:g} s time "
-                                                    "limit and could not be interrupted")
-                        return
-                    interrupted = True
-                    try:
-                        os.kill(worker.pid, signal.SIGINT)
-                    except ProcessLookupError:
-                        pass
-                    deadline = now + min(GRACE_S, limits.timeout)
+                if self._overdue(worker):
+                    return
         except _Violation as violation:
-            self._blame(current, queue, f"broke the grader's reporting protocol ({violation})")
+            self._blame(self.current, self.queue,
+                        f"broke the grader's reporting protocol ({violation})")
+
+    def _read(self, worker: _Worker, read_fd: int) -> tuple[bytes, list, int | None]:
+        """Wait for data or the worker's exit (until the nearer deadline); read a chunk."""
+        wait = max(0.0, min(self.deadline, self.hard_stop) - time.monotonic())
+        waitable = worker.waitable()
+        fds = ([] if self.eof else [read_fd]) + ([waitable] if waitable is not None else [])
+        readable, _, _ = select.select(fds, [], [], min(wait, 0.25))
+        chunk = b""
+        if read_fd in readable:
+            try:
+                chunk = os.read(read_fd, 1 << 20)
+                self.eof = not chunk  # every writer closed the pipe
+            except BlockingIOError:
+                chunk = b""
+            self.total += len(chunk)
+            if self.total > self.limits.result_mb << 20:
+                raise _Violation(f"more than {self.limits.result_mb} MiB of results")
+            self.buffer += chunk
+        return chunk, readable, waitable
+
+    def _frames(self) -> Iterator[dict[str, Any]]:
+        """The complete frames in the buffer, loaded weights-only."""
+        while len(self.buffer) >= FRAME_HEADER.size and not self.ended:
+            (size,) = FRAME_HEADER.unpack_from(self.buffer)
+            if size > self.limits.result_mb << 20:
+                raise _Violation("a frame larger than the result limit")
+            if len(self.buffer) < FRAME_HEADER.size + size:
+                return
+            data = bytes(self.buffer[FRAME_HEADER.size:FRAME_HEADER.size + size])
+            del self.buffer[:FRAME_HEADER.size + size]
+            yield load_frame(data, self.nonce)
+
+    def _on_frame(self, message: dict[str, Any]) -> None:
+        """One frame, checked against the protocol's order (`autograde.protocol`)."""
+        kind = message.get("type")
+        if kind == HANG and self.ready:
+            if message.get("step") == self.current and isinstance(message.get("where"), list):
+                self.where[self.current] = message["where"]
+            return
+        if not self.ready:
+            if kind != READY:
+                raise _Violation(f"a {kind!r} frame before 'ready'")
+            self.ready = True
+            self.walls = {k: v for k, v in dict(message.get("walls", {})).items()
+                          if isinstance(v, (bool, int))}
+            lost = walls.fewer(self.walls, self.isolation.walls)
+            if lost:
+                self.failure = ("the sandbox came up with fewer walls than the grader "
+                                f"announced ({', '.join(lost)}): not graded")
+                return
+        elif kind == START:
+            if self.current is not None or not self.queue or \
+                    message.get("step") != self.queue[0]:
+                raise _Violation("a step started out of order")
+            self.current = self.queue.pop(0)
+            self.interrupted, self.seen = False, set()
+        elif kind == END and self.current is None and not self.queue:
+            self.ended = True
+        elif self.current is None or message.get("step") != self.current:
+            raise _Violation(f"a {kind!r} frame outside its step")
+        elif self._record(self.current, kind, message, self.seen, self.interrupted):
+            self.current = None
+        if kind in (READY, START) or self.current is None:
+            self.deadline = time.monotonic() + self.limits.timeout
+
+    def _exited(self, worker: _Worker) -> bool:
+        """Whether the worker has exited (then the step in progress is blamed)."""
+        code = worker.exited()
+        if code is None:
+            return False
+        if not self.ready:
+            self.failure = f"the grader's sandbox did not start (exit {code})"
+        else:
+            self._blame(self.current, self.queue, _describe_exit(code))
+        return True
+
+    def _overdue(self, worker: _Worker) -> bool:
+        """Past a deadline: interrupt the step (SIGINT), or, when it is still running
+        after the grace period, blame it; True when this run is over."""
+        now, limits = time.monotonic(), self.limits
+        if now >= self.hard_stop:
+            self._blame(self.current, self.queue, "ran past the time budget of the notebook"
+                        if now >= self.until else "ran past the time limit of the whole run")
+            return True
+        if now < self.deadline:
+            return False
+        if not self.ready:
+            self.failure = "the grader's sandbox did not start in time"
+            return True
+        if self.current is None or self.interrupted:
+            self._blame(self.current, self.queue, f"ran past the {limits.timeout:g} s time "
+                                                  "limit and could not be interrupted")
+            return True
+        self.interrupted = True
+        try:
+            os.kill(worker.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+        self.deadline = now + min(limits.grace, limits.timeout)
+        return False
 
     def _record(self, k: int, kind: str, message: dict[str, Any], seen: set[str],
                 interrupted: bool) -> bool:
         """Record a frame of step `k`; True when the step is done."""
         step = self.steps[k]
         overrun = f"ran past the {self.limits.timeout:g} s time limit and was interrupted"
-        if step["kind"] == "cell":
-            if kind != "cell":
+        if step["kind"] == CELL_STEP:
+            if kind != CELL:
                 raise _Violation(f"a {kind!r} frame in a cell step")
             self.cells_run.add(k)
             error = message.get("error")
@@ -645,16 +635,16 @@ class _Attempt:
                 error = overrun
                 self.stopped.add(k)
             if error is not None:
-                self.cell_errors[k] = str(error)[:500]
+                self.cell_errors[k] = str(error)[:self.limits.message_chars]
             return True
         exercise = self.exercises[step["grade_id"]]
         names = [p.name for p in _probes(exercise)]
-        if kind == "done":
+        if kind == DONE:
             if len(seen) != len(names):
                 raise _Violation("a check step done before all its checks")
             return True
         name = message.get("probe")
-        if kind != "probe" or name not in names or name in seen:
+        if kind != PROBE or name not in names or name in seen:
             raise _Violation("an unexpected check")
         seen.add(name)
         error = message.get("error")
@@ -662,7 +652,7 @@ class _Attempt:
             error = f"your {exercise.symbol} {overrun}"
         self.probes.setdefault(exercise.grade_id, {})[name] = ProbeOutcome(
             outputs=message.get("outputs") if error is None else None,
-            error=None if error is None else str(error)[:1000])
+            error=None if error is None else str(error)[:self.limits.message_chars])
         return False
 
     def _blame(self, current: int | None, queue: list[int], reason: str) -> None:
@@ -671,3 +661,7 @@ class _Attempt:
         if culprit is None:
             return
         self.culprit, self.reason = culprit, reason
+        functions = [w for w in self.where.get(culprit, []) if isinstance(w, list)
+                     and len(w) == 3 and w[1] != "<module>"]
+        if functions:  # it hung inside a learner function: later runs skip its calls
+            self.learned.add(tuple(functions[-1]))
