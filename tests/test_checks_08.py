@@ -617,8 +617,9 @@ def test_traces_hold_distinct_experts_per_token_and_locality():
             trace = probe.inputs()["trace"]
             for row in trace.tolist():
                 assert len(set(row)) == len(row)
-            repeats = sum(bool(set(a) & set(b)) for a, b in zip(trace.tolist(),
-                                                                 trace.tolist()[1:]))
+            rows = trace.tolist()
+            repeats = sum(bool(set(a) & set(b)) for a, b in zip(rows[:-1], rows[1:],
+                                                                 strict=True))
             assert repeats > trace.shape[0] // 3  # consecutive tokens share experts
 
 
