@@ -67,6 +67,8 @@ class CacheExplorer(_PngDisplay):
         self.controls: dict[str, Any] = {}
         self.state: CacheState | None = None
         self._curves: dict[tuple[int, str], Tensor] = {}
+        self._artists: dict[str, Any] = {}
+        self._drawn_layer: int | None = None
         try:
             self.trace = _trace_tensor(trace)
             seen = int(self.trace.max()) + 1
@@ -110,6 +112,25 @@ class CacheExplorer(_PngDisplay):
         return self._curves[key]
 
     def _draw(self, fig: Figure) -> Figure:
+        """Full redraw when the layer changed; otherwise update the hits, titles and marker."""
+        state = self.state
+        assert state is not None
+        if self._drawn_layer != state.layer or not self._artists:
+            self._draw_layer(fig)
+        art = self._artists
+        trace = self.trace[state.layer]  # (N, K)
+        shown = min(trace.shape[0], MAX_TIMELINE_TOKENS)
+        art["hits"].set_data(state.hits[:shown].t().float().numpy())
+        art["hits_ax"].set_title(
+            f"{state.policy}, cache of {state.capacity} of {self.n_experts}: hit (green) or "
+            f"miss (red); hit rate {state.hit_rate:.1%} over {trace.numel()} accesses",
+            fontsize=9)
+        art["marker"].set_data([state.capacity], [state.hit_rate])
+        for name, line in art["curves"].items():
+            line.set_linewidth(2.4 if name == state.policy else 1.0)
+        return fig
+
+    def _draw_layer(self, fig: Figure) -> None:
         state = self.state
         assert state is not None
         fig.clear()
@@ -125,31 +146,31 @@ class CacheExplorer(_PngDisplay):
                        "choices top to bottom)", fontsize=9)
         ax_e.set_yticks(range(trace.shape[1]))
         ax_h = fig.add_subplot(gs[1, 0])
-        ax_h.imshow(state.hits[:shown].t().float().numpy(), aspect="auto", cmap=_HIT_MISS,
-                    vmin=0, vmax=1, interpolation="nearest")
-        ax_h.set_title(f"{state.policy}, cache of {state.capacity} of {self.n_experts}: hit "
-                       f"(green) or miss (red); hit rate {state.hit_rate:.1%} over "
-                       f"{trace.numel()} accesses", fontsize=9)
+        hits = ax_h.imshow(state.hits[:shown].t().float().numpy(), aspect="auto",
+                           cmap=_HIT_MISS, vmin=0, vmax=1, interpolation="nearest")
         ax_h.set_xlabel("token (decode step)", fontsize=8)
         ax_h.set_yticks(range(trace.shape[1]))
         ax_c = fig.add_subplot(gs[:, 1])
         sizes = list(range(self.n_experts + 1))
+        curves = {}
         for name in CACHE_POLICIES:
-            rates = self.curve(state.layer, name)
-            ax_c.plot(sizes, rates.numpy(), "o-", ms=3, lw=1.6 if name == state.policy else 1.0,
-                      label=name)
-        ax_c.plot([state.capacity], [state.hit_rate], "o", ms=10, mfc="none", color="black")
+            (curves[name],) = ax_c.plot(sizes, self.curve(state.layer, name).numpy(), "o-",
+                                        ms=3, lw=1.0, label=name)
+        (marker,) = ax_c.plot([state.capacity], [state.hit_rate], "o", ms=10, mfc="none",
+                              color="black")
         ax_c.set(xlabel="cache size (experts)", ylabel="hit rate", ylim=(0, 1.02),
                  title="hit rate against cache size")
         ax_c.title.set_fontsize(9)
         ax_c.legend(fontsize=7, loc="lower right")
         for ax in (ax_e, ax_h, ax_c):
             ax.tick_params(labelsize=7)
-        return fig
+        self._artists = {"hits": hits, "hits_ax": ax_h, "marker": marker, "curves": curves}
+        self._drawn_layer = state.layer
 
     def figure(self) -> Figure:
         """The static figure of the current controls."""
         if self.error is not None:
+            self._artists = {}
             return _message_figure(self._fig, self.error)
         return self._draw(self._fig)
 
