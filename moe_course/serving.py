@@ -6,7 +6,7 @@ Inference-time questions about a trained top-k mixture (notebook 08):
   reads; under independent uniform top-k routing `E * (1 - (1 - K/E) ** B)`.
 - Expert caches over a routing trace `(N, K)` (one layer, N decode steps, the `K` experts
   each token chose), as in Eliseev & Mazur 2023, *Fast Inference of Mixture-of-Experts
-  Language Models with Offloading* (arXiv 2312.17238, Sec. 3.1, an LRU cache per layer):
+  Language Models with Offloading* (arXiv 2312.17238: an LRU cache per layer):
   `lru_cache_hits`, Belady's offline optimum `optimal_cache_hits`, a static
   "keep the most used" cache `static_cache_hits`. The accesses are served one by one in
   row order (token by token, best expert first). Every policy has `capacity` slots that
@@ -18,7 +18,7 @@ Inference-time questions about a trained top-k mixture (notebook 08):
   `MIXTRAL_8X7B` and nominal PCIe 4.0 x16 bandwidth in `PCIE4_X16_BYTES_PER_S`.
 - `routing_trace` collects the `(L, N, K)` trace of a `CharLM` over a text;
   `next_layer_guess` guesses layer `l + 1`'s experts from layer `l`'s hidden state
-  (Eliseev & Mazur Sec. 3.2, speculative expert loading).
+  (Eliseev & Mazur's speculative expert loading).
 - `upcycle` (Komatsuzaki et al. 2022, *Sparse Upcycling*, arXiv 2212.05055): a
   `MoEFeedForward` whose experts are independent copies of a dense FFN. With renormalised
   top-k weights (they sum to 1) and identical experts, the upcycled layer computes exactly
@@ -66,7 +66,7 @@ class ModelSizes(NamedTuple):
 MIXTRAL_8X7B = ModelSizes(n_layers=32, d_model=4096, d_hidden=14336, n_experts=8, k=2,
                           total_params=47e9, active_params=13e9)
 """Mixtral 8x7B (Jiang et al. 2024, arXiv 2401.04088): Table 1 gives dim 4096, hidden_dim
-14336, 32 layers, 8 experts, top 2; Sec. 2: 47B parameters, 13B active per token."""
+14336, 32 layers, 8 experts, top 2; abstract: 47B parameters, 13B active per token."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def lru_hit_mask(trace: Tensor, capacity: int) -> Tensor:
 
     On a hit the expert becomes the most recently used; on a miss it is loaded and cached,
     evicting the least recently used expert when the cache is full (Eliseev & Mazur 2023,
-    arXiv 2312.17238, Sec. 3.1). The cache starts empty.
+    arXiv 2312.17238). The cache starts empty.
 
     >>> lru_hit_mask(torch.tensor([[0, 1], [0, 2], [2, 0]]), capacity=2).int().tolist()
     [[0, 0], [1, 0], [1, 1]]
@@ -353,7 +353,7 @@ def routing_trace(model: nn.Module, ids: Tensor) -> Tensor:
 def next_layer_guess(model: nn.Module, ids: Tensor) -> Tensor:
     """Guess each MoE layer's experts from the previous block's hidden state, `(L-1, N, K)`.
 
-    Eliseev & Mazur (arXiv 2312.17238, Sec. 3.2) apply layer `l + 1`'s router to the hidden
+    Eliseev & Mazur (arXiv 2312.17238) apply layer `l + 1`'s router to the hidden
     state that layer `l` receives, so that the experts of layer `l + 1` can be loaded while
     layer `l` computes. Here: block `l + 1`'s `ln_2` and `gate` on the residual stream that
     enters block `l`'s feed-forward (the input of its `ln_2`), top-`K` of the logits. Compare with
@@ -416,7 +416,7 @@ def prefetch_recall(guess: Tensor, actual: Tensor) -> float:
 def upcycle(dense_ffn: nn.Module, n_experts: int, k: int, *, router_std: float = 0.02,
             seed: int = 0) -> MoEFeedForward:
     """A top-`k` `MoEFeedForward` of `n_experts` independent copies of `dense_ffn`
-    (Komatsuzaki et al. 2022, Sparse Upcycling, arXiv 2212.05055, Sec. 3.1).
+    (Komatsuzaki et al. 2022, Sparse Upcycling, arXiv 2212.05055).
 
     `dense_ffn` is the dense feed-forward block (an `Expert`, `(..., D) -> (..., D)`, with
     `w_in = nn.Linear(D, H)`). Each expert is a deep copy: its own parameters, equal to the

@@ -247,7 +247,7 @@ for b, m, u in zip(batch_sizes, measured[0].tolist(), uniform):
 # layer, the token's `K` experts are needed in turn. An expert found in the cache is a
 # **hit**; otherwise it is a **miss**: it is copied over the PCIe link into a staging
 # buffer, computed, and the cache policy decides whether it stays in a slot, and whom it
-# evicts. Eliseev & Mazur (Sec. 3.1) keep an **LRU** cache per layer: the expert evicted is
+# evicts. Eliseev & Mazur keep an **LRU** cache per layer: the expert evicted is
 # the one **least recently used**. Their observation is that routing has locality:
 # neighbouring tokens often reuse an expert, so the recently used experts are a good guess
 # for the next ones.
@@ -396,7 +396,7 @@ for layer in range(trace.shape[0]):
 # policy misses only the first use of each expert. With `C = 1 < K` the LRU cache evicts
 # the token's first expert to load its second, and almost never hits.
 #
-# **Prefetching.** Eliseev & Mazur (Sec. 3.2) also *guess* the next layer's experts: while
+# **Prefetching.** Eliseev & Mazur also *guess* the next layer's experts: while
 # layer `l` computes, they apply layer `l + 1`'s router to layer `l`'s hidden state, and
 # start copying the guessed experts early. The guess is good because the residual stream
 # changes little from one layer to the next. `moe_course.serving.next_layer_guess` does
@@ -423,7 +423,7 @@ CacheExplorer(trace, n_experts=N_EXPERTS, capacity=4, policy="LRU")
 #
 # Mixtral 8x7B (Jiang et al. 2024, arXiv 2401.04088, Table 1) has 32 layers of width
 # `D = 4096`, each with 8 SwiGLU experts of hidden width `H = 14336` and top-2 routing:
-# 47B parameters in total, 13B active per token (their Sec. 2). One expert holds three
+# 47B parameters in total, 13B active per token (their abstract). One expert holds three
 # `D x H` matrices, 176M parameters: 352 MB in 16-bit floats. The 256 experts are 45B of
 # the 47B parameters, 90 GB, far more than a 16 GB GPU holds. So the experts wait in CPU
 # memory and cross a PCIe 4.0 x16 link, nominally about 32 GB/s in each direction, when
@@ -489,7 +489,7 @@ print(f"experts that fit in 12 GB: {gpu_free / expert_fp16:.0f} in fp16 "
 # %% [markdown]
 # ## 5 · Sparse upcycling
 #
-# Komatsuzaki et al. (arXiv 2212.05055, Sec. 3.1) start a mixture from a trained dense
+# Komatsuzaki et al. (arXiv 2212.05055) start a mixture from a trained dense
 # checkpoint: every MoE layer's experts are **copies of the dense layer's feed-forward
 # network**, a new router is added, everything else (attention, embeddings, norms) is
 # carried over, and training continues. The mixture does not start from scratch: it starts
