@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .layers import MoEFeedForward
+from .layers import MoEFeedForward, TopKMoE
 from .validation import index_tensor, positive_int
 
 PCIE4_X16_BYTES_PER_S = 32e9
@@ -298,14 +298,18 @@ def offload_time_per_token(misses: float, expert_bytes: float, bandwidth: float)
 # Routing traces of a model
 
 
-def _moe_layers(model: nn.Module) -> list[MoEFeedForward]:
+def _moe_layers(model: nn.Module) -> list[nn.Module]:
+    """The top-k MoE feed-forward layers of a `CharLM`: `MoEFeedForward(router="top_k")` or
+    the fast `TopKMoE`, which computes the same layer (both have `.gate` and `.k`)."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(model, nn.Module) or blocks is None:
         raise ValueError(f"model must be a CharLM (with .blocks); got {type(model).__name__}")
-    layers = [b.ffn for b in blocks if isinstance(getattr(b, "ffn", None), MoEFeedForward)]
-    if not layers or any(layer.router != "top_k" for layer in layers):
-        raise ValueError("model must have top-k MoEFeedForward feed-forward layers; got "
-                         f"{[type(b.ffn).__name__ for b in blocks]}")
+    ffns = [getattr(b, "ffn", None) for b in blocks]
+    layers = [f for f in ffns if isinstance(f, TopKMoE)
+              or (isinstance(f, MoEFeedForward) and f.router == "top_k")]
+    if not layers or len(layers) != sum(isinstance(f, (MoEFeedForward, TopKMoE)) for f in ffns):
+        raise ValueError("model must have top-k MoE feed-forward layers (MoEFeedForward with "
+                         f"router='top_k', or TopKMoE); got {[type(f).__name__ for f in ffns]}")
     return layers
 
 
@@ -319,7 +323,8 @@ def _windows(model: nn.Module, ids: object) -> list[Tensor]:
 
 
 def routing_trace(model: nn.Module, ids: Tensor) -> Tensor:
-    """The routing trace of `model` (a `CharLM` with top-k `MoEFeedForward`s) over `ids` `(N,)`.
+    """The routing trace of `model` (a `CharLM` whose feed-forward blocks are top-k
+    `MoEFeedForward`s or `TopKMoE`s) over `ids` `(N,)`.
 
     The text is read in consecutive windows of `seq_len` tokens; token `t` of a window sees
     the window's earlier tokens, as a decoder generating that window would. Returns
@@ -369,7 +374,7 @@ def next_layer_guess(model: nn.Module, ids: Tensor) -> Tensor:
     blocks = list(model.blocks)  # type: ignore[union-attr]
     if len(layers) != len(blocks) or len(blocks) < 2:
         raise ValueError("next_layer_guess needs a model whose every block (at least two) has "
-                         "a top-k MoEFeedForward")
+                         "a top-k MoE feed-forward layer")
     windows = _windows(model, ids)
     hidden: list[Tensor] = []
     # The residual stream entering block l's feed-forward (the input of its ln_2).

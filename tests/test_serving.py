@@ -18,7 +18,7 @@ from torch import nn
 
 from moe_course import serving as sv
 from moe_course.experts import Expert
-from moe_course.layers import MoEFeedForward
+from moe_course.layers import MoEFeedForward, TopKMoE
 from moe_course.transformer import CharLM, LMConfig
 
 
@@ -214,6 +214,16 @@ def test_routing_trace_equals_the_model_routing_window_by_window():
                                    outs[layer].routing.indices)
 
 
+def test_routing_trace_of_the_fast_layer_equals_that_of_moe_feed_forward():
+    model = tiny_lm()
+    fast = copy.deepcopy(model)
+    for block in fast.blocks:
+        block.ffn = TopKMoE.from_moe_feed_forward(block.ffn)
+    ids = torch.tensor([1, 2, 3, 4, 5, 6, 0, 1])
+    assert torch.equal(sv.routing_trace(fast, ids), sv.routing_trace(model, ids))
+    assert torch.equal(sv.next_layer_guess(fast, ids), sv.next_layer_guess(model, ids))
+
+
 def test_next_layer_guess_uses_the_next_router_on_the_same_residual():
     model = tiny_lm()
     ids = torch.tensor([1, 2, 3, 4, 5, 6])
@@ -294,6 +304,8 @@ def test_upcycle_is_deterministic_and_routes_without_ties():
     (lambda: sv.hit_rate_curve(torch.tensor([[0]]), "FIFO", [1]), "policy"),
     (lambda: sv.upcycle(Expert(4, 8), 4, 5), "k"),
     (lambda: sv.routing_trace(nn.Linear(2, 2), torch.tensor([0])), "CharLM"),
+    (lambda: sv.routing_trace(CharLM(LMConfig(5, 4, 8, 2), lambda i: MoEFeedForward(
+        8, 16, 4, router="expert_choice")), torch.tensor([0])), "top-k MoE"),
     (lambda: sv.routing_trace(tiny_lm(), torch.tensor([[0, 1]])), "ids"),
     (lambda: sv.routing_trace(tiny_lm(), torch.tensor([9])), "ids"),
     (lambda: sv.prefetch_recall(torch.tensor([[0]]), torch.tensor([[0], [1]])), "agree"),
