@@ -3,10 +3,10 @@ helpfully.
 
 Correct implementations written differently from the reference pass the visible and hidden
 checks silently; each planted mistake fails with its own message (never the generic
-fallback); calling the reference (directly, through an alias, wrapped, swallowing the
-tripwire) fails with "implement it yourself"; stubs and wrong return types fail with a
-message; inputs are deterministic and plain; outputs survive
-`torch.load(weights_only=True)`, and a judge refuses missing or truncated outputs.
+fallback), already in the visible check; wrong return types fail with a message. The checks
+every exercise shares (inputs deterministic, plain and tie-free, outputs across the process
+boundary, stubs, calling the reference) run in tests/test_checks_common.py from this
+module's `CORRECT`, `ALIASES` and `order_margins`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 import probe_data
 import pytest
 import torch
+from probe_data import fails
 from torch import nn
 
-import moe_course
 from moe_course import serving
 from moe_course.experts import Expert
-from moe_course.grading import EXERCISES, CheckFailure, check
+from moe_course.grading import EXERCISES, check
 from moe_course.grading.checks import nb08_serving_and_upcycling as su
 from moe_course.layers import MoEFeedForward
 from moe_course.serving import expected_experts_touched as _alias_expected
@@ -43,16 +43,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def fails(grade_id: str, obj: Any, hidden: bool | None = None) -> str:
-    """Run the visible (and hidden) checks; return the first failure's message."""
-    for h in ((False, True) if hidden is None else (hidden,)):
-        try:
-            check(grade_id, obj, hidden=h)
-        except CheckFailure as failure:
-            return failure.message
-    raise AssertionError(f"{grade_id}: {obj!r} passed every check")
 
 
 # ========================================================================================
@@ -384,6 +374,13 @@ def _upcycle_expert_choice(dense_ffn, n_experts, k):
     return moe
 
 
+def _upcycle_switch(dense_ffn, n_experts, k):  # top-1 weighted by its probability
+    moe = MoEFeedForward(dense_ffn.w_in.in_features, dense_ffn.w_in.out_features, n_experts,
+                         k, router="switch")
+    moe.experts = nn.ModuleList([copy.deepcopy(dense_ffn) for _ in range(n_experts)])
+    return moe
+
+
 def _upcycle_capacity(dense_ffn, n_experts, k):
     moe = MoEFeedForward(dense_ffn.w_in.in_features, dense_ffn.w_in.out_features, n_experts,
                          k, capacity_factor=1.0)
@@ -464,6 +461,7 @@ MISTAKES: list[tuple[str, Any, str]] = [
     ("ex08_upcycle", _upcycle_shared_object, "shared 4 times"),
     ("ex08_upcycle", _upcycle_no_copy, "share parameter storage with dense_ffn"),
     ("ex08_upcycle", _upcycle_expert_choice, "router='expert_choice'"),
+    ("ex08_upcycle", _upcycle_switch, "router='switch'"),
     ("ex08_upcycle", _upcycle_capacity, "capacity_factor=1.0"),
     ("ex08_upcycle", _upcycle_fresh, "not the dense FFN's"),
     ("ex08_upcycle", _upcycle_scaled, "scaled expert 0's w_in.weight by 1/k"),
@@ -518,30 +516,6 @@ ALIASES = {"ex08_experts_touched": _alias_touched,
            "ex08_offload_time_per_token": _alias_offload, "ex08_upcycle": _alias_upcycle}
 
 
-def _cheats(grade_id: str) -> list[Any]:
-    alias = ALIASES[grade_id]
-
-    def wrapper(*args, **kwargs):
-        return alias(*args, **kwargs)
-
-    def sneaky(*args, **kwargs):  # swallows the tripwire and falls back: still caught
-        try:
-            return alias(*args, **kwargs)
-        except Exception:
-            return CORRECT[grade_id][0](*args, **kwargs)
-
-    return [alias, getattr(moe_course, EXERCISES[grade_id].symbol), wrapper, sneaky]
-
-
-@pytest.mark.parametrize("grade_id", sorted(ALIASES))
-def test_calling_the_reference_earns_nothing(grade_id):
-    assert ALIASES[grade_id] is EXERCISES[grade_id].reference
-    for cheat in _cheats(grade_id):
-        for hidden in (False, True):
-            with pytest.raises(CheckFailure, match="implement it yourself"):
-                check(grade_id, cheat, hidden=hidden)
-
-
 def test_other_serving_helpers_are_fine_to_use():
     def lru_from_mask(trace, capacity):  # the package's mask helper is not the exercise
         return int(serving.lru_hit_mask(trace, capacity).sum())
@@ -552,14 +526,6 @@ def test_other_serving_helpers_are_fine_to_use():
 
 # ========================================================================================
 # Stubs and wrong return types fail with a message, never a crash.
-
-
-@pytest.mark.parametrize("grade_id", sorted(CORRECT))
-def test_stub_fails_with_not_implemented(grade_id):
-    def stub(*args, **kwargs):
-        raise NotImplementedError
-
-    assert "is not implemented yet" in fails(grade_id, stub, hidden=False)
 
 
 WRONG_RETURNS: list[tuple[str, Any, str]] = [
@@ -590,25 +556,14 @@ def test_mutating_the_trace_is_reported():
 
 
 # ========================================================================================
-# Inputs: deterministic and plain; outputs: plain data across the process boundary.
-
-PROBES = [(gid, probe) for gid in GRADED for probe in EXERCISES[gid].visible
-          + EXERCISES[gid].hidden]
+# Inputs: the shared round-trip and tie checks (tests/test_checks_common.py) read this.
 
 
-@pytest.mark.parametrize(("grade_id", "probe"), PROBES,
-                         ids=[f"{g}-{p.name}" for g, p in PROBES])
-def test_inputs_are_deterministic_plain_and_outputs_round_trip(grade_id, probe):
-    exercise = EXERCISES[grade_id]
-    first, second = probe_data.inputs_twice(probe)
-    probe_data.judged_after_round_trip(exercise, probe, CORRECT[grade_id][0], first, second)
-
-
-@pytest.mark.parametrize(("grade_id", "probe"), PROBES,
-                         ids=[f"{g}-{p.name}" for g, p in PROBES])
-def test_judge_refuses_missing_or_truncated_outputs(grade_id, probe):
-    probe_data.judge_refuses_missing_or_truncated(EXERCISES[grade_id], probe,
-                                                  CORRECT[grade_id][0])
+def order_margins(grade_id: str, inputs: dict) -> list[float]:
+    """No probe of notebook 08 rests on an order between close values: the cache answers are
+    integer simulations, and the upcycled layer's step-0 output is the same whichever
+    experts the router picks (all are copies, the weights sum to 1)."""
+    return []
 
 
 def test_traces_hold_distinct_experts_per_token_and_locality():

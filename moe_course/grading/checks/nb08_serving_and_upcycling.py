@@ -509,11 +509,16 @@ def _upcycle_judge(inputs: Inputs, outputs: Outputs) -> None:
     if outputs["shared_between_experts"]:
         raise CheckFailure("two of your experts share parameter storage: each expert needs its "
                            "own copy of the dense weights (copy.deepcopy once per expert)")
-    if outputs["router"] != "top_k":
-        raise CheckFailure(f"your MoEFeedForward routes with router={outputs['router']!r}: with "
+    if outputs["router"] == "expert_choice":
+        raise CheckFailure("your MoEFeedForward routes with router='expert_choice': with "
                            "expert choice a token can get no expert, or several whose weights "
                            "do not sum to 1, so step 0 is not the dense layer. Use the top-k "
                            "router, whose renormalised weights sum to 1")
+    if outputs["router"] != "top_k":
+        raise CheckFailure(f"your MoEFeedForward routes with router={outputs['router']!r}: "
+                           "upcycle builds a top-k layer (router='top_k', the default), whose "
+                           "renormalised top-k weights sum to 1 so that step 0 is exactly the "
+                           "dense layer")
     if outputs["capacity_factor"] is not None:
         raise CheckFailure(f"your MoEFeedForward has capacity_factor="
                            f"{outputs['capacity_factor']!r}: a capacity drops overflowing "
