@@ -12,8 +12,8 @@ Tokens are rows: `x` is `(T, D)`; router logits are `(T, E)`. "experts" is a seq
 
 One concept per module, read top-down (CONTRIBUTING.md): `experts`, `gating`, `routing`,
 `capacity`, `expert_choice`, `losses`; then `routers` (the router table), `fused` and
-`layers`; plus `data`, `train` and `widgets` for the notebooks and `grading` for the
-exercises.
+`layers`; `modern` and `serving` (notebooks 07 and 08); plus `data`, `train` and `widgets`
+for the notebooks and `grading` for the exercises.
 """
 
 from .capacity import Capacity, apply_capacity, capacity_positions, expert_capacity
@@ -37,6 +37,14 @@ from .losses import (
 )
 from .modern import aux_free_bias_update, shared_expert_moe, soft_moe, sort_by_expert
 from .routing import DenseMoE, dense_moe, moe_flops, sparse_moe
+from .serving import (
+    expected_experts_touched,
+    experts_touched,
+    lru_cache_hits,
+    offload_time_per_token,
+    optimal_cache_hits,
+    upcycle,
+)
 
 __version__ = "0.1.0"
 
@@ -49,4 +57,6 @@ __all__ = [
     "load_loss", "moe_flops", "moe_lm_loss", "noisy_logits", "router_z_loss",
     "softmax_gate", "sparse_moe", "switch_aux_loss", "top_k_gating",
     "aux_free_bias_update", "shared_expert_moe", "soft_moe", "sort_by_expert",
+    "expected_experts_touched", "experts_touched", "lru_cache_hits", "offload_time_per_token",
+    "optimal_cache_hits", "upcycle",
 ]

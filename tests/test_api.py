@@ -67,6 +67,12 @@ CURRICULUM: dict[str, list[tuple[str, Any]]] = {
                        ("k", 2), ("router", "top_k"), ("capacity_factor", None)],
     "moe_lm_loss": [("logits", EMPTY), ("targets", EMPTY), ("aux_losses", EMPTY),
                     ("aux_weight", 0.01), ("z_weight", 0.001)],
+    "experts_touched": [("indices", EMPTY), ("n_experts", EMPTY)],
+    "expected_experts_touched": [("batch", EMPTY), ("n_experts", EMPTY), ("k", EMPTY)],
+    "lru_cache_hits": [("trace", EMPTY), ("capacity", EMPTY)],
+    "optimal_cache_hits": [("trace", EMPTY), ("capacity", EMPTY)],
+    "offload_time_per_token": [("misses", EMPTY), ("expert_bytes", EMPTY),
+                               ("bandwidth", EMPTY)],
 }
 
 
@@ -89,6 +95,15 @@ def test_signature_matches_curriculum(name: str) -> None:
     assert got == CURRICULUM[name]
     for p in params:
         assert p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, f"{p.name} is {p.kind}"
+
+
+def test_upcycle_takes_the_curriculum_arguments_then_keyword_only_options() -> None:
+    params = list(inspect.signature(moe_course.upcycle).parameters.values())
+    assert [(p.name, p.default) for p in params[:3]] == [
+        ("dense_ffn", EMPTY), ("n_experts", EMPTY), ("k", EMPTY)]
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params[:3])
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not EMPTY
+               for p in params[3:])
 
 
 def test_modules_are_nn_modules() -> None:

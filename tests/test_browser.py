@@ -1,11 +1,14 @@
-"""RoutingExplorer in a real browser: JupyterLab on 127.0.0.1, headless Chromium via Playwright.
+"""RoutingExplorer and CacheExplorer in a real browser: JupyterLab on 127.0.0.1, headless
+Chromium via Playwright.
 
 Opens `tests/browser_notebooks/routing_explorer.ipynb` (copied into a temporary root), runs
 all cells, checks that the widget and its figure render, moves the capacity-factor slider
 and checks that the figure and the numbers change, then measures the latency of one slider
 change (key press to new image, in the browser's own clock) over several presses. The
 latency is printed and recorded as a test property, never asserted (timings belong to
-benchmarks). Screenshots land in pytest's `tmp_path`; their paths are printed.
+benchmarks). `cache_explorer.ipynb` gets the same treatment for notebook 08's
+`CacheExplorer` (its cache-size slider). Screenshots land in pytest's `tmp_path`; their
+paths are printed.
 
 Needs Chromium from the system package manager at /usr/bin/chromium (`apt-get install -y
 chromium`; `.ci/run` does it) and the `playwright` Python package; Playwright's own browser
@@ -31,6 +34,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "tests" / "browser_notebooks" / "routing_explorer.ipynb"
+CACHE_NOTEBOOK = REPO / "tests" / "browser_notebooks" / "cache_explorer.ipynb"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--headless", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -252,4 +256,75 @@ def test_routing_explorer_in_jupyterlab(lab_server, tmp_path, record_property, c
             print(f"screenshot {name}: {shots[name]}")
         if page_errors:
             print("page errors:", *page_errors, sep="\n  ")
+    assert all(x > 0 for x in latencies)
+
+
+def test_cache_explorer_in_jupyterlab(lab_server, tmp_path, record_property, capsys):
+    """Notebook 08's CacheExplorer: renders, follows its cache-size slider, one new figure
+    per key press; the latency of a press is printed and recorded, never asserted."""
+    if not CHROMIUM.exists():
+        pytest.fail("Chromium is missing at /usr/bin/chromium: install it with "
+                    "`apt-get install -y chromium`")
+    from playwright.sync_api import sync_playwright
+
+    base, log_path = lab_server
+    shots = {name: tmp_path / f"cache_{name}.png" for name in ("1_rendered", "2_after_latency",
+                                                                "failure")}
+    presses = 5  # cache size 5 -> 0, one step per press
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        try:
+            page.goto(f"{base}/lab/tree/{CACHE_NOTEBOOK.name}?token={TOKEN}",
+                      wait_until="domcontentloaded")
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
+                                   timeout=60_000)
+            run_all_cells(page)
+            page.wait_for_selector(IMG, timeout=120_000)
+            page.wait_for_function(f"() => document.querySelector('{IMG}').naturalWidth > 0",
+                                   timeout=30_000)
+            assert page.locator(".jp-OutputArea-output .widget-slider").count() == 1
+            assert page.locator(".jp-OutputArea-output .widget-dropdown").count() == 2
+            assert page.locator(".jp-OutputArea-output .jp-RenderedText[data-mime-type="
+                                "'application/vnd.jupyter.stderr']").count() == 0
+            assert slider_readout(page, "cache size") == "5"
+            page.screenshot(path=str(shots["1_rendered"]))
+            page.evaluate(
+                """(sel) => {
+                    const img = document.querySelector(sel);
+                    window.__keys = []; window.__srcs = [];
+                    document.addEventListener(
+                        'keydown', () => window.__keys.push(performance.now()), true);
+                    new MutationObserver(() => window.__srcs.push(performance.now()))
+                        .observe(img, {attributes: true, attributeFilter: ['src']});
+                }""", IMG)
+            handle = slider_handle(page, "cache size")
+            handle.focus()
+            for i in range(presses):
+                page.keyboard.press("ArrowLeft")
+                page.wait_for_function(f"() => window.__srcs.length >= {i + 1}",
+                                       timeout=30_000)
+                page.wait_for_timeout(150)
+            keys = page.evaluate("() => window.__keys")
+            srcs = page.evaluate("() => window.__srcs")
+            assert slider_readout(page, "cache size") == "0"
+            assert len(srcs) == presses  # one new figure per press, no more
+            page.screenshot(path=str(shots["2_after_latency"]))
+        except Exception:
+            page.screenshot(path=str(shots["failure"]))
+            print(f"failure screenshot: {shots['failure']}\nserver log: {log_path}")
+            raise
+        finally:
+            browser.close()
+
+    latencies = [s - k for k, s in zip(keys, srcs, strict=True)]
+    median = statistics.median(latencies)
+    record_property("cache_slider_latency_ms_median", round(median, 1))
+    with capsys.disabled():
+        print(f"\nCacheExplorer slider latency (key press -> new figure), {presses} presses: "
+              f"median {median:.0f} ms, all {[round(x) for x in latencies]} ms")
+        for name in ("1_rendered", "2_after_latency"):
+            print(f"screenshot {name}: {shots[name]}")
     assert all(x > 0 for x in latencies)

@@ -28,6 +28,7 @@ import test_checks_04
 import test_checks_05
 import test_checks_06
 import test_checks_07
+import test_checks_08
 import torch
 from torch import nn
 
@@ -37,7 +38,7 @@ from moe_course.grading.inputs import MARGIN
 
 NOTEBOOKS = {m.GRADED[0][2:4]: m for m in (test_checks_01, test_checks_02, test_checks_03,
                                            test_checks_04, test_checks_05, test_checks_06,
-                                           test_checks_07)}
+                                           test_checks_07, test_checks_08)}
 GRADED = sorted(g for g, ex in EXERCISES.items() if ex.kind != "written")
 PROBES = [(gid, probe) for gid in GRADED for probe in EXERCISES[gid].visible
           + EXERCISES[gid].hidden]

@@ -27,7 +27,7 @@ TOP_DOWN = [
     # core concepts, one per module
     "validation", "gating", "routing", "capacity", "expert_choice", "experts", "losses", "data",
     # the layers and models built from them
-    "routers", "fused", "layers", "modern", "parallel", "parallel_workers",
+    "routers", "fused", "layers", "modern", "serving", "parallel", "parallel_workers",
     "parallel_torchrun", "transformer", "train",
     # what uses them: the widgets, the checks (and graders), the release and the CLI
     "widgets", "grading", "release", "cli",
@@ -105,7 +105,7 @@ def test_the_package_face_imports_no_tool():
 
 def test_a_check_module_never_imports_another_notebooks_checks_or_the_graders():
     checks = [n for n in MODULES if _is_check(n)]
-    assert len([n for n in checks if n.rpartition(".")[2].startswith("nb")]) == 7
+    assert len([n for n in checks if n.rpartition(".")[2].startswith("nb")]) == 8
     for name in checks:
         for target in _imports(name):
             assert not (_is_check(target) and target != f"{CHECKS}.common"), (name, target)

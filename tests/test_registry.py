@@ -1,4 +1,4 @@
-"""The exercise registry matches CURRICULUM.md, notebooks 01-07: ids, symbols, points."""
+"""The exercise registry matches CURRICULUM.md, notebooks 01-08: ids, symbols, points."""
 
 from __future__ import annotations
 
@@ -47,10 +47,20 @@ CURRICULUM = [
     ("ex07_aux_free_bias_update", "07_modern_moe", "aux_free_bias_update", 2, "function"),
     ("ex07_soft_moe", "07_modern_moe", "soft_moe", 3, "function"),
     ("ex07_sort_by_expert", "07_modern_moe", "sort_by_expert", 2, "function"),
+    ("ex08_experts_touched", "08_serving_and_upcycling", "experts_touched", 1, "function"),
+    ("ex08_expected_experts_touched", "08_serving_and_upcycling", "expected_experts_touched",
+     1, "function"),
+    ("ex08_lru_cache_hits", "08_serving_and_upcycling", "lru_cache_hits", 2, "function"),
+    ("ex08_optimal_cache_hits", "08_serving_and_upcycling", "optimal_cache_hits", 2,
+     "function"),
+    ("ex08_offload_time_per_token", "08_serving_and_upcycling", "offload_time_per_token", 1,
+     "function"),
+    ("ex08_upcycle", "08_serving_and_upcycling", "upcycle", 3, "function"),
+    ("ex08_written", "08_serving_and_upcycling", None, 2, "written"),
 ]
 POINTS = {"01_experts_and_gating": 6, "02_top_k_routing": 9, "03_load_balancing": 12,
           "04_expert_choice": 9, "05_moe_transformer": 6, "06_expert_parallelism": 7,
-          "07_modern_moe": 9}
+          "07_modern_moe": 9, "08_serving_and_upcycling": 12}
 # Where each assignment's references live: the package top level, or its own module.
 HOME = {"06_expert_parallelism": moe_course.parallel}
 

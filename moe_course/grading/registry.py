@@ -1,4 +1,4 @@
-"""The exercise registry: one entry per exercise of CURRICULUM.md, notebooks 01-07.
+"""The exercise registry: one entry per exercise of CURRICULUM.md, notebooks 01-08.
 
 Each entry is the single source of truth for an exercise: the answer cell's `grade_id`
 (its tests cell is `grade_id + "_tests"`), the assignment, the learner's symbol, the points,
@@ -11,7 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .. import capacity, expert_choice, experts, gating, layers, losses, modern, parallel, routing
+from .. import (
+    capacity,
+    expert_choice,
+    experts,
+    gating,
+    layers,
+    losses,
+    modern,
+    parallel,
+    routing,
+    serving,
+)
 from .checks import nb01_experts_and_gating as eg
 from .checks import nb02_top_k_routing as tk
 from .checks import nb03_load_balancing as lb
@@ -19,6 +30,7 @@ from .checks import nb04_expert_choice as ec
 from .checks import nb05_moe_transformer as mt
 from .checks import nb06_expert_parallelism as ep
 from .checks import nb07_modern_moe as mm
+from .checks import nb08_serving_and_upcycling as su
 from .probe import Probe
 
 KINDS = ("function", "class", "written")
@@ -63,7 +75,7 @@ def _written(grade_id: str, assignment: str, points: int) -> Exercise:
 
 _NB01, _NB02, _NB03 = "01_experts_and_gating", "02_top_k_routing", "03_load_balancing"
 _NB04, _NB05, _NB06 = "04_expert_choice", "05_moe_transformer", "06_expert_parallelism"
-_NB07 = "07_modern_moe"
+_NB07, _NB08 = "07_modern_moe", "08_serving_and_upcycling"
 
 _ALL = (
     Exercise("ex01_expert", _NB01, "Expert", 2, experts.Expert,
@@ -131,6 +143,22 @@ _ALL = (
              mm.VISIBLE_SOFT_MOE, mm.HIDDEN_SOFT_MOE),
     Exercise("ex07_sort_by_expert", _NB07, "sort_by_expert", 2, modern.sort_by_expert,
              mm.VISIBLE_SORT_BY_EXPERT, mm.HIDDEN_SORT_BY_EXPERT),
+    Exercise("ex08_experts_touched", _NB08, "experts_touched", 1, serving.experts_touched,
+             su.VISIBLE_EXPERTS_TOUCHED, su.HIDDEN_EXPERTS_TOUCHED),
+    Exercise("ex08_expected_experts_touched", _NB08, "expected_experts_touched", 1,
+             serving.expected_experts_touched, su.VISIBLE_EXPECTED_EXPERTS_TOUCHED,
+             su.HIDDEN_EXPECTED_EXPERTS_TOUCHED),
+    Exercise("ex08_lru_cache_hits", _NB08, "lru_cache_hits", 2, serving.lru_cache_hits,
+             su.VISIBLE_LRU_CACHE_HITS, su.HIDDEN_LRU_CACHE_HITS),
+    Exercise("ex08_optimal_cache_hits", _NB08, "optimal_cache_hits", 2,
+             serving.optimal_cache_hits, su.VISIBLE_OPTIMAL_CACHE_HITS,
+             su.HIDDEN_OPTIMAL_CACHE_HITS),
+    Exercise("ex08_offload_time_per_token", _NB08, "offload_time_per_token", 1,
+             serving.offload_time_per_token, su.VISIBLE_OFFLOAD_TIME_PER_TOKEN,
+             su.HIDDEN_OFFLOAD_TIME_PER_TOKEN),
+    Exercise("ex08_upcycle", _NB08, "upcycle", 3, serving.upcycle,
+             su.VISIBLE_UPCYCLE, su.HIDDEN_UPCYCLE),
+    _written("ex08_written", _NB08, 2),
 )
 
 EXERCISES: dict[str, Exercise] = {ex.grade_id: ex for ex in _ALL}

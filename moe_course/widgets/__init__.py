@@ -8,6 +8,8 @@
   `moe_course.train`'s history, with a step slider; two runs side by side.
 - `TokenRoutingView` (notebook 05): text with each character coloured by the expert it
   went to, per layer.
+- `CacheExplorer` (notebook 08): an expert cache (LRU, static, Belady) replayed over a
+  model's routing trace, with cache size, policy and layer controls.
 
 All routing math is the reference package's (`top_k_gating`, `noisy_logits`,
 `apply_capacity`, `expert_choice_routing`, `switch_aux_loss`, ...); the package only
@@ -28,6 +30,7 @@ reused between updates, so one slider change costs one small redraw.
 """
 
 from .base import DPI, ERROR_COLOR, fast_mode
+from .cache import MAX_TIMELINE_TOKENS, CacheExplorer, CacheState
 from .explorer import (
     D_MODEL,
     MAX_EXPERTS,
@@ -43,7 +46,8 @@ from .timeline import LoadTimeline, TimelineState
 from .tokens import DROPPED_COLOR, TokenRoutingView, expert_colors
 
 __all__ = [
-    "D_MODEL", "DPI", "DROPPED_COLOR", "ERROR_COLOR", "MAX_EXPERTS",
+    "CacheExplorer", "CacheState", "MAX_TIMELINE_TOKENS", "D_MODEL", "DPI", "DROPPED_COLOR",
+    "ERROR_COLOR", "MAX_EXPERTS",
     "MAX_TOKENS", "ROUTERS", "LoadTimeline", "RoutingExplorer", "RoutingFigure",
     "RoutingState", "TimelineState", "TokenRoutingView", "draw_routing", "expert_colors",
     "explore", "fast_mode",
