@@ -60,6 +60,11 @@ class Probe:
     inputs: Callable[[], Inputs]  # seeded, deterministic, tie-free inputs (plain data)
     run: Callable[[Any, Inputs], Outputs]  # calls the learner's object; may be untrusted
     judge: Callable[[Inputs, Outputs], None]  # trusted: raises CheckFailure on a mistake
+    # The rules of the exercise's text this probe exercises ("softmax over the k kept
+    # logits", "ValueError unless 1 <= k <= E", ...). Every rule a hidden probe tests is
+    # also tested by a visible one (tests/test_check_rules.py), so a learner who sees every
+    # visible check pass loses hidden points only by fitting the visible inputs.
+    rules: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------
