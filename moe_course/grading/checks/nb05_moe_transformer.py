@@ -347,7 +347,6 @@ def _lm_judge(inputs: Inputs, outputs: Outputs) -> None:
 TOP_K = "router='top_k': top_k_gating's weights, sparse_moe's mixture, switch aux_loss"
 EXPERT_CHOICE = "router='expert_choice': C = expert_choice_capacity(T, E, factor or k)"
 CAPACITY_FACTOR = "top_k with capacity_factor: drop beyond expert_capacity (apply_capacity)"
-TOP_1 = "works for k = 1"
 Z = "z_loss: router_z_loss(logits)"
 FIELDS_RULE = "forward (B, S, D) returns a named tuple with y, aux_loss, z_loss"
 CALLS = "experts called as modules, once each, on their routed rows"
@@ -371,7 +370,7 @@ VISIBLE_MOE_FEED_FORWARD = (
     Probe("top_k, k=1, 3 experts, capacity_factor=1.0",
           lambda: _layer_inputs(508, "top_k", 1, 1.0, shape=(2, 3, 6), d_hidden=8,
                                 n_experts=3), _layer_run, _layer_judge,
-          rules=(TOP_K, CAPACITY_FACTOR, TOP_1, *_LAYER)),
+          rules=(TOP_K, CAPACITY_FACTOR, *_LAYER)),
     Probe("MoEFeedForward(d_model, d_hidden, n_experts) with the defaults",
           lambda: {**_layer_inputs(509, "top_k", 2, None, shape=(1, 6, 6), d_hidden=8),
                    "defaults": True}, _layer_run, _layer_judge,
@@ -387,7 +386,7 @@ HIDDEN_MOE_FEED_FORWARD = (
     Probe("top_k, k=1, 5 experts",
           lambda: _layer_inputs(504, "top_k", 1, None, shape=(3, 4, 6), d_hidden=10,
                                 n_experts=5), _layer_run, _layer_judge,
-          rules=(TOP_K, TOP_1, *_LAYER)),
+          rules=(TOP_K, *_LAYER)),
     Probe("expert_choice, capacity_factor=1.0",
           lambda: _layer_inputs(506, "expert_choice", 1, 1.0), _layer_run, _layer_judge,
           rules=(EXPERT_CHOICE, *_LAYER)),

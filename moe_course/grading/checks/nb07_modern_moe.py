@@ -545,18 +545,14 @@ GATES = "weights: softmax over all routed experts at the top k, not renormalised
 CALLS = "each routed expert only on its own rows"
 NO_SHARED = "shared_experts may be empty"
 LIST_OR_MODULE_LIST = "experts may be a list or an nn.ModuleList"
-TOP_1 = "works for k = 1"
 NO_MUTATION = "never changes an argument in place"
 BIAS = "bias + gamma * sign(mean(counts) - counts); at the mean the bias stays"
 FLOAT_LOADS = "counts may be integers or float loads"
-REPEATED = "repeated steps balance a skewed router"
 SOFT = "dispatch softmax over tokens, combine softmax over slots, y = combine @ outputs"
 SLOTS = "expert e called once on slots[e*C:(e+1)*C]"
-ONE_SLOT = "works for one slot per expert"
 SOFT_GRAD = "differentiable: gradients reach phi"
 SORT = "order: stable sort of indices.reshape(-1) by expert; counts per expert"
 IDLE = "0 for an expert nobody chose, the last one too"
-ONE_EXPERT = "works for a single expert"
 
 VISIBLE_SHARED_EXPERT_MOE = (
     Probe("8 tokens, 1 shared + top-2 of 6 routed, routed expert 4 idle (lists)",
@@ -567,7 +563,7 @@ VISIBLE_SHARED_EXPERT_MOE = (
           rules=(SHARED, GATES, CALLS, LIST_OR_MODULE_LIST)),
     Probe("no shared experts, top-1 of 3 routed",
           lambda: _shared_inputs(705, 5, 3, 0, 3, 1), _shared_run(False), _shared_judge,
-          rules=(SHARED, GATES, CALLS, NO_SHARED, TOP_1)),
+          rules=(SHARED, GATES, CALLS, NO_SHARED)),
 )
 HIDDEN_SHARED_EXPERT_MOE = (
     Probe("10 tokens, 2 shared + top-3 of 8 routed (nn.ModuleList)",
@@ -575,7 +571,7 @@ HIDDEN_SHARED_EXPERT_MOE = (
           _shared_judge, rules=(SHARED, GATES, CALLS, LIST_OR_MODULE_LIST, NO_MUTATION)),
     Probe("no shared experts, top-1 of 4 routed",
           lambda: _shared_inputs(703, 6, 3, 0, 4, 1), _shared_run(False), _shared_judge,
-          rules=(SHARED, GATES, CALLS, NO_SHARED, TOP_1)),
+          rules=(SHARED, GATES, CALLS, NO_SHARED)),
 )
 VISIBLE_AUX_FREE_BIAS_UPDATE = (
     Probe("6 experts, integer counts, two at the mean",
@@ -586,7 +582,7 @@ VISIBLE_AUX_FREE_BIAS_UPDATE = (
           _bias_judge, rules=(BIAS, FLOAT_LOADS)),
     Probe("10 steps routing a skewed router",
           lambda: _trajectory_inputs(715, 0.1, steps=10), _trajectory_run, _trajectory_judge,
-          rules=(BIAS, REPEATED)),
+          rules=(BIAS,)),
 )
 HIDDEN_AUX_FREE_BIAS_UPDATE = (
     Probe("8 experts, loads as float shares",
@@ -594,14 +590,14 @@ HIDDEN_AUX_FREE_BIAS_UPDATE = (
           _bias_judge, rules=(BIAS, FLOAT_LOADS, NO_MUTATION)),
     Probe(f"{_TRAJ_STEPS} steps routing a skewed router",
           lambda: _trajectory_inputs(713, 0.05), _trajectory_run, _trajectory_judge,
-          rules=(BIAS, REPEATED)),
+          rules=(BIAS,)),
 )
 VISIBLE_SOFT_MOE = (
     Probe("8 tokens, 3 experts x 2 slots (a list)", lambda: _soft_inputs(721, 8, 4, 3, 2),
           _soft_run(False), _soft_judge, rules=(SOFT, SLOTS, NO_MUTATION)),
     Probe("6 tokens, 3 experts x 1 slot (an nn.ModuleList)",
           lambda: _soft_inputs(725, 6, 4, 3, 1), _soft_run(True), _soft_judge,
-          rules=(SOFT, SLOTS, ONE_SLOT, LIST_OR_MODULE_LIST)),
+          rules=(SOFT, SLOTS, LIST_OR_MODULE_LIST)),
     Probe("gradient reaches phi (5 tokens)", lambda: _soft_inputs(726, 5, 3, 2, 2), _soft_grad_run,
           _soft_grad_judge, rules=(SOFT, SOFT_GRAD)),
 )
@@ -610,7 +606,7 @@ HIDDEN_SOFT_MOE = (
           lambda: _soft_inputs(722, 5, 3, 2, 3), _soft_run(True), _soft_judge,
           rules=(SOFT, SLOTS, LIST_OR_MODULE_LIST, NO_MUTATION)),
     Probe("7 tokens, 4 experts x 1 slot", lambda: _soft_inputs(723, 7, 5, 4, 1),
-          _soft_run(False), _soft_judge, rules=(SOFT, SLOTS, ONE_SLOT)),
+          _soft_run(False), _soft_judge, rules=(SOFT, SLOTS)),
     Probe("gradient reaches phi", lambda: _soft_inputs(724, 6, 4, 2, 2), _soft_grad_run,
           _soft_grad_judge, rules=(SOFT, SOFT_GRAD)),
 )
@@ -619,12 +615,12 @@ VISIBLE_SORT_BY_EXPERT = (
           lambda: _sort_inputs(731, 8, 2, 5, idle=(1, 4)), _sort_run, _sort_judge,
           rules=(SORT, IDLE, NO_MUTATION)),
     Probe("4 tokens, one expert", lambda: _sort_inputs(734, 4, 1, 1, idle=()), _sort_run,
-          _sort_judge, rules=(SORT, ONE_EXPERT)),
+          _sort_judge, rules=(SORT,)),
 )
 HIDDEN_SORT_BY_EXPERT = (
     Probe("30 tokens, top-3 of 7 experts, expert 6 (the last) idle",
           lambda: _sort_inputs(732, 30, 3, 7, idle=(6,)), _sort_run, _sort_judge,
           rules=(SORT, IDLE, NO_MUTATION)),
     Probe("5 tokens, one expert", lambda: _sort_inputs(733, 5, 1, 1, idle=()), _sort_run,
-          _sort_judge, rules=(SORT, ONE_EXPERT)),
+          _sort_judge, rules=(SORT,)),
 )
