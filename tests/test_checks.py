@@ -242,6 +242,8 @@ def make_layer(**mistakes: Any) -> type:
         def __init__(self, d_model, d_hidden, n_experts, k=2, router="top_k",
                      capacity_factor=None):
             super().__init__()
+            if router not in ("top_k", "expert_choice"):
+                raise ValueError(f"router must be 'top_k' or 'expert_choice'; got {router!r}")
             self.k, self.router, self.cf, self.n_experts = k, router, capacity_factor, n_experts
             self.gate = nn.Linear(d_model, n_experts, bias=bool(mistakes.get("gate_bias")))
             make = moe_course.Expert if mistakes.get("reference_parts") else LoopExpert
@@ -1074,7 +1076,7 @@ def test_learner_warnings_and_stderr_are_silenced(capsys):
 
     check("ex02_top_k_gating", noisy)
     out, err = capsys.readouterr()
-    assert err == "" and out == "✓ top_k_gating: 3 checks passed\n"
+    assert err == "" and out == "✓ top_k_gating: 4 checks passed\n"
 
 
 def test_learner_rng_use_does_not_leak_into_the_global_rng():
@@ -1122,7 +1124,7 @@ def test_failure_in_a_real_kernel_is_short_and_an_error(tmp_path):
     client.execute()
     passing, failing = nb.cells[1].outputs, nb.cells[2].outputs
     assert {(o["output_type"], o.get("name")) for o in passing} == {("stream", "stdout")}
-    assert "".join(o["text"] for o in passing) == ("✓ top_k_gating: 3 checks passed\n"
+    assert "".join(o["text"] for o in passing) == ("✓ top_k_gating: 4 checks passed\n"
                                                    "✓ top_k_gating: 3 hidden checks passed\n")
     assert [o["output_type"] for o in failing] == ["error"]
     error = failing[0]

@@ -311,12 +311,12 @@ FLOPS = "router 2*T*D*E plus experts 2 * T*K * 2*D*H, a Python int"
 FLOPS_LARGE = "exact for large layers (integer arithmetic)"
 
 VISIBLE_TOP_K_GATING = (
-    Probe("k=2 of 5 experts, gradients", lambda: _top_k_inputs(201, 6, 5, 2), _top_k_grad_run,
-          _top_k_grad_judge, rules=(TOP_K_ORDER, TOP_K_SOFTMAX, DIFFERENTIABLE)),
-    Probe("k=1 of 4 experts", lambda: _top_k_inputs(202, 5, 4, 1), _top_k_run,
+    Probe("k=2 of 5 experts", lambda: _top_k_inputs(201, 6, 5, 2), _top_k_run,
           _judge_top_k_result, rules=(TOP_K_ORDER, TOP_K_SOFTMAX, NO_MUTATION)),
-    Probe("k=E=4", lambda: _top_k_inputs(207, 3, 4, 4), _top_k_run, _judge_top_k_result,
-          rules=(TOP_K_ORDER, TOP_K_SOFTMAX, K_EQUALS_E)),
+    Probe("k=1 of 4 experts", lambda: _top_k_inputs(202, 5, 4, 1), _top_k_run,
+          _judge_top_k_result, rules=(TOP_K_ORDER, TOP_K_SOFTMAX)),
+    Probe("k=E=4, gradients", lambda: _top_k_inputs(207, 3, 4, 4), _top_k_grad_run,
+          _top_k_grad_judge, rules=(TOP_K_ORDER, TOP_K_SOFTMAX, K_EQUALS_E, DIFFERENTIABLE)),
     Probe("k=0 and k=E+1 raise ValueError",
           lambda: {**_top_k_inputs(203, 3, 4, 2), "bad_ks": [0, 5]}, _k_check_run,
           _k_check_judge, rules=(K_RANGE,)),
