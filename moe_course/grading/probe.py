@@ -52,6 +52,11 @@ class CheckFailure(AssertionError):
         return [f"\x1b[0;31mCheckFailure\x1b[0m: {first}", *rest]
 
 
+class NotImplementedYet(CheckFailure):
+    """A check that failed because the learner's answer is still the stub (it raised
+    NotImplementedError); `check` skips an optional exercise in this state."""
+
+
 @dataclass(frozen=True)
 class Probe:
     """One check of one exercise; see the module docstring for the contract."""
