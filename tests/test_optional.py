@@ -100,7 +100,7 @@ def test_run_all_with_only_the_challenge_skipped_completes_and_scores_0(tmp_path
     work.mkdir()
     client = NotebookClient(run, timeout=120, kernel_name="python3",
                             resources={"metadata": {"path": str(work)}})
-    client.km_kwargs = {"env": env}  # noqa: not a secret: a private Jupyter configuration
+    client.km_kwargs = {"env": env}  # a private Jupyter configuration for the kernel
     client.execute()  # raises CellExecutionError at the first cell with an error
     printed = dict(_outputs(run))
     assert printed["ex03_load_loss_tests"].startswith(SKIPPED)

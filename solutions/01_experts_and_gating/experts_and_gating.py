@@ -67,7 +67,7 @@ from moe_course.data import ownership, region_grid, regions_task
 from moe_course.grading import check
 from moe_course.train import train
 
-torch.manual_seed(0)
+_ = torch.manual_seed(0)  # seed everything below (the returned generator is not needed)
 
 # %% [markdown]
 # ## 1 · An expert
@@ -159,7 +159,8 @@ plt.show()
 #
 # $$g(x) = \operatorname{softmax}(x W_g), \qquad g_e(x) = \frac{e^{(x W_g)_e}}{\sum_{j} e^{(x W_g)_j}}.$$
 #
-# Shazeer et al. (2017) write exactly this as their eq. 2 (the "softmax gating" they start from) making it sparse.
+# Shazeer et al. (2017) write exactly this as their eq. 2: the "softmax gating" they start
+# from before making it sparse.
 #
 # **Exercise 2 (1 point).** Write `softmax_gate(x, w_gate)`: `x` is `(T, D)`, `w_gate` is
 # `(D, E)`; return the `(T, E)` gate whose rows sum to 1.
@@ -206,7 +207,7 @@ torch.manual_seed(2)
 n = 120
 grid = region_grid(n).x  # (n * n, 2) points on [-1, 1]^2
 w_demo = torch.randn(2, 4)  # (D, E)
-fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+fig, axes = plt.subplots(1, 2, figsize=(8, 3.8), layout="constrained")  # room for suptitle
 for ax, scale in zip(axes, (1.0, 8.0)):
     gates = softmax_gate(grid, scale * w_demo)  # (T, E)
     # colour: the winning expert; brightness: how confident the gate is (1/E to 1)

@@ -316,7 +316,7 @@ print("parameters of one layer:", count_parameters(blocks["top_k"].ffn))
 # \;+\; \alpha \sum_{l} \mathcal L^{(l)}_{\text{aux}} \;+\; \beta \sum_{l} \mathcal L^{(l)}_{z}.$$
 #
 # The Switch Transformer uses $\alpha = 0.01$ (Fedus et al. Sec. 2.2), ST-MoE $\beta =
-# 0.001$ (Zoph et al. Sec. 3.1). The losses are *summed* over layers: each layer's router
+# 0.001$ (Zoph et al. Sec. 3.3, eq. 6). The losses are *summed* over layers: each layer's router
 # must be balanced on its own, and a model with more layers gets more of them.
 #
 # **Exercise 2 (1 point).** Write `moe_lm_loss(logits, targets, aux_losses,
