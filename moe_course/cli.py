@@ -9,19 +9,56 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from .release import course_root, release, release_differences
 
 CHROMIUM = "/usr/bin/chromium"
 
 
+# JupyterLab settings the course overrides, in its own settings folder (never the learner's
+# global configuration): no "get notified about Jupyter news?" prompt and no update check,
+# which would both reach for the network, on a course meant to run offline.
+LAB_OVERRIDES = {
+    "@jupyterlab/apputils-extension:notification": {"fetchNews": "false",
+                                                    "checkForUpdates": False},
+}
+
+
+def lab_settings_dir() -> Path:
+    """The course's own JupyterLab application settings folder, written afresh.
+
+    It starts as a copy of the environment's default one (`<app dir>/settings`, where a
+    distribution may keep its `page_config.json` or `overrides.json`), with the course's
+    `LAB_OVERRIDES` merged into `overrides.json`. `moe-course lab` points JupyterLab at it
+    with `--LabApp.app_settings_dir`, so the learner's own settings stay as they are.
+    """
+    from jupyterlab.commands import get_app_dir
+
+    target = course_root() / ".jupyter" / "lab-settings"
+    if target.exists():
+        shutil.rmtree(target)
+    default = Path(get_app_dir()) / "settings"
+    if default.is_dir():
+        shutil.copytree(default, target)
+    target.mkdir(parents=True, exist_ok=True)
+    path = target / "overrides.json"
+    overrides = json.loads(path.read_text()) if path.is_file() else {}
+    for plugin, values in LAB_OVERRIDES.items():
+        overrides.setdefault(plugin, {}).update(values)
+    path.write_text(json.dumps(overrides, indent=2) + "\n")
+    return target
+
+
 def _lab(args: argparse.Namespace) -> int:
     root = course_root()
-    cmd = [sys.executable, "-m", "jupyterlab", str(root / args.folder)]
+    cmd = [sys.executable, "-m", "jupyterlab", str(root / args.folder),
+           f"--LabApp.app_settings_dir={lab_settings_dir()}"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")  # Jupyter refuses root without it (containers, CI)
     return subprocess.call(cmd + args.extra)

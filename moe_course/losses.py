@@ -199,7 +199,7 @@ def moe_lm_loss(logits: Tensor, targets: Tensor, aux_losses: Sequence[Any],
     `logits` is `(B, S, V)` (or `(T, V)`), `targets` the matching integer ids. `aux_losses`
     has one entry per MoE layer: the layer's output (anything with `aux_loss` and `z_loss`
     attributes, e.g. `MoEOutput`) or an `(aux_loss, z_loss)` pair. Switch Transformer uses
-    `aux_weight = 0.01` (Sec. 2.2), ST-MoE `z_weight = 0.001` (Sec. 3.1).
+    `aux_weight = 0.01` (Sec. 2.2), ST-MoE `z_weight = 0.001` (Sec. 3.3, eq. 6).
 
     Targets equal to `IGNORE_INDEX = -100` (padding, prompt tokens) are left out of the
     cross-entropy's mean, exactly as `F.cross_entropy`'s default `ignore_index=-100` does;

@@ -45,6 +45,8 @@ def make_layer(**mistakes: Any) -> type:
         def __init__(self, d_model, d_hidden, n_experts, k=2, router="top_k",
                      capacity_factor=None):
             super().__init__()
+            if router not in ("top_k", "expert_choice"):
+                raise ValueError(f"router must be 'top_k' or 'expert_choice'; got {router!r}")
             self.k, self.router, self.cf, self.n_experts = k, router, capacity_factor, n_experts
             self.gate = nn.Linear(d_model, n_experts, bias=bool(mistakes.get("gate_bias")))
             make = moe_course.Expert if mistakes.get("reference_parts") else LoopExpert

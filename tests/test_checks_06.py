@@ -46,11 +46,15 @@ LAYER = "ex06_expert_parallel_forward"
 
 
 def counts_one_hot(indices, n_experts, world_size):  # one-hot sums instead of bincount
+    if n_experts % world_size != 0:
+        raise ValueError(f"n_experts ({n_experts}) must be a multiple of world_size")
     owner = torch.div(indices, n_experts // world_size, rounding_mode="floor")
     return F.one_hot(owner.reshape(-1).long(), world_size).sum(0)
 
 
 def counts_compare(indices, n_experts, world_size):  # broadcast comparison with every rank
+    if n_experts % world_size:
+        raise ValueError(f"world_size {world_size} does not divide n_experts {n_experts}")
     per_rank = n_experts // world_size
     ranks = torch.arange(world_size)
     return ((indices[..., None] // per_rank) == ranks).sum(dim=(0, 1))
@@ -410,7 +414,7 @@ def test_correct_layer_passes_silently_on_every_world_size(capsys):
     assert time.monotonic() - start < 10  # threads, not processes: well under a second here
     out, err = capsys.readouterr()
     assert err == ""
-    assert out == ("✓ expert_parallel_forward: 2 checks passed\n"
+    assert out == ("✓ expert_parallel_forward: 3 checks passed\n"
                    "✓ expert_parallel_forward: 3 hidden checks passed\n")
 
 
@@ -418,8 +422,8 @@ def test_learner_stderr_and_warnings_on_the_ranks_are_silenced(capfd):
     check(LAYER, layer_noisy)
     out, err = capfd.readouterr()
     assert err == ""
-    assert out.count("rank debugging to stdout") == 3  # one process, then two ranks
-    assert out.endswith("✓ expert_parallel_forward: 2 checks passed\n")
+    assert out.count("rank debugging to stdout") == 5  # one process, then two ranks twice
+    assert out.endswith("✓ expert_parallel_forward: 3 checks passed\n")
 
 
 def test_a_function_from_a_notebook_cell_passes():
@@ -456,10 +460,16 @@ def test_planted_layer_mistake_fails_with_its_message(grade_id, impl, expected, 
 
 
 def test_a_rank_that_skips_its_idle_experts_is_told_why_at_once():
-    check(LAYER, layer_skip_idle)  # every expert gets rows in the visible checks
+    # A visible check already has a rank that receives no rows (rule NO_ROWS), so the
+    # learner sees this mistake before grading; the hidden checks catch it too.
     start = time.monotonic()
-    message = fails(LAYER, layer_skip_idle, hidden=True)
+    message = fails(LAYER, layer_skip_idle, hidden=False)
     assert time.monotonic() - start < 2.5  # recognised, not timed out
+    assert "check '2 ranks, 1 token: rank 1 holds no tokens and receives no rows'" in message
+    assert ("on 2 ranks, rank(s) 0 waited in a collective that rank(s) 1 never called"
+            in message), message
+    assert "must still run its experts (on 0 rows)" in message
+    message = fails(LAYER, layer_skip_idle, hidden=True)
     # Rank 3 receives no rows, skips its experts, and so skips the backward exchanges.
     assert "check '4 ranks, uneven shards, rank 3 receives no rows'" in message
     assert ("on 4 ranks, rank(s) 0, 1, 2 waited in a collective that rank(s) 3 never called"

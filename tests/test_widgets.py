@@ -237,15 +237,27 @@ def test_nan_logits_and_k_above_e_show_messages():
     ex = RoutingExplorer("top_k", logits=logits, k=2)
     assert "NaN" in ex.error and "token 2, expert 1" in ex.error
     assert ERROR_COLOR in ex.message.value
-    ex = RoutingExplorer("top_k", n_experts=4, k=3)
-    assert ex.error is None
-    ex.controls["k"].value = 6
-    assert "between 1 and E = 4" in ex.error and "got k = 6" in ex.error
-    assert ERROR_COLOR in ex.message.value
-    ex.controls["n_experts"].value = 8
-    assert ex.error is None and ex.state.assigned.sum(1).tolist() == [6] * 32
+    with pytest.raises(ValueError, match=r"between 1 and E = 4.*got k = 6"):
+        explore("top_k", n_experts=4, k=6)  # the slider cannot get there: its max is E
     with pytest.raises(ValueError, match="router must be one of"):
         explore("top_2")
+
+
+def test_k_slider_max_follows_e():
+    ex = RoutingExplorer("top_k", n_experts=4, k=3)
+    k = ex.controls["k"]
+    assert (k.min, k.max, k.value, ex.error) == (1, 4, 3, None)
+    k.value = 6  # clipped to E
+    assert k.value == 4 and ex.error is None and ex.params["k"] == 4
+    ex.controls["n_experts"].value = 8
+    assert k.max == 8
+    k.value = 6
+    assert ex.error is None and ex.state.assigned.sum(1).tolist() == [6] * 32
+    ex.controls["n_experts"].value = 3  # a smaller E pulls k down with it
+    assert (k.max, k.value, ex.params["k"], ex.error) == (3, 3, 3, None)
+    assert ex.state.assigned.sum(1).tolist() == [3] * 32
+    fixed = RoutingExplorer("top_k", logits=torch.randn(5, 6), k=2)
+    assert fixed.controls["k"].max == 6  # E of the given logits
 
 
 def test_widget_display_carries_a_static_png_fallback():

@@ -19,10 +19,10 @@ from ..losses import LayerLosses
 from .guard import ReferenceCalled, quiet, reference_guard
 from .probe import CheckFailure, Probe, capture
 from .registry import EXERCISES, Exercise, exercises_for
-from .runner import check, judge_probe, run_probe
+from .runner import check, implemented, judge_probe, run_probe
 
 __all__ = [
     "EXERCISES", "CheckFailure", "Exercise", "LayerLosses", "Probe", "ReferenceCalled",
-    "capture", "check", "exercises_for", "judge_probe", "quiet", "reference_guard",
-    "run_probe",
+    "capture", "check", "exercises_for", "implemented", "judge_probe", "quiet",
+    "reference_guard", "run_probe",
 ]

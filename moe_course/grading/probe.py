@@ -52,6 +52,11 @@ class CheckFailure(AssertionError):
         return [f"\x1b[0;31mCheckFailure\x1b[0m: {first}", *rest]
 
 
+class NotImplementedYet(CheckFailure):
+    """A check that failed because the learner's answer is still the stub (it raised
+    NotImplementedError); `check` skips an optional exercise in this state."""
+
+
 @dataclass(frozen=True)
 class Probe:
     """One check of one exercise; see the module docstring for the contract."""
@@ -60,6 +65,11 @@ class Probe:
     inputs: Callable[[], Inputs]  # seeded, deterministic, tie-free inputs (plain data)
     run: Callable[[Any, Inputs], Outputs]  # calls the learner's object; may be untrusted
     judge: Callable[[Inputs, Outputs], None]  # trusted: raises CheckFailure on a mistake
+    # The rules of the exercise's text this probe exercises ("softmax over the k kept
+    # logits", "ValueError unless 1 <= k <= E", ...). Every rule a hidden probe tests is
+    # also tested by a visible one (tests/test_check_rules.py), so a learner who sees every
+    # visible check pass loses hidden points only by fitting the visible inputs.
+    rules: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------
@@ -234,8 +244,8 @@ def close(actual: Any, expected: Any, rtol: float = RTOL, atol: float = ATOL) ->
     if isinstance(expected, Tensor):
         if not isinstance(actual, Tensor) or actual.shape != expected.shape:
             return False
-        if not expected.is_floating_point():
-            return bool(torch.equal(actual.to(expected.dtype), expected))
+        if not expected.is_floating_point():  # exact (2.5 must not pass for 2)
+            return bool(torch.equal(actual.to(torch.float64), expected.to(torch.float64)))
         a = actual.to(torch.float64)
         e = expected.to(torch.float64)
         return bool(torch.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True).all())
@@ -257,21 +267,22 @@ def expect_close(actual: Tensor, expected: Tensor, what: str,
     """Compare `actual` with `expected`; on a mismatch, name the planted mistake it matches.
 
     `variants` are `(value, message)` pairs computed with the reference under a known
-    mistake; the first one `actual` matches gives the message. Otherwise the message shows
-    the largest difference and where it is, after `otherwise` when given.
+    mistake; the first one `actual` matches gives the message. Otherwise the message
+    describes the difference (`difference`: shape, dtype, NaN, transposed, sign, scale,
+    offset, permuted columns or rows, which rows and columns differ), after `otherwise`
+    when given.
     """
     if close(actual, expected, rtol, atol):
         return
     message = matching_variant(actual, variants, rtol, atol)
     if message is not None:
         raise CheckFailure(message)
-    if isinstance(actual, Tensor) and actual.is_floating_point():
-        if not torch.isfinite(actual).all() and torch.isfinite(expected).all():
-            raise CheckFailure(f"{what} contains NaN or inf (expected finite values): look for "
-                               "a 0/0, a log of 0 or an exp that overflows")
+    described = difference(actual, expected, rtol, atol)
+    if described.startswith(("NaN where", "inf where")):  # a mistake of its own kind
+        raise CheckFailure(f"{what} contains NaN or inf: {described}")
     if otherwise:
-        raise CheckFailure(f"{otherwise} ({_difference(actual, expected)})")
-    raise CheckFailure(f"{what} is wrong: {_difference(actual, expected)}")
+        raise CheckFailure(f"{otherwise} ({described})")
+    raise CheckFailure(f"{what} is wrong: {described}")
 
 
 def matching_variant(actual: Any, variants: Sequence[Variant], rtol: float = RTOL,
@@ -287,23 +298,139 @@ def _fmt(value: Any) -> str:
     if isinstance(value, Tensor):
         if value.numel() == 1:
             return f"{value.item():.6g}"
+        if value.is_floating_point():
+            return str([round(v, 4) for v in value.tolist()] if value.dim() == 1
+                       and value.numel() <= 12 else value)
         return str(value.tolist() if value.numel() <= 12 else value)
     return repr(value)
 
 
-def _difference(actual: Any, expected: Any) -> str:
-    if isinstance(expected, Tensor) and isinstance(actual, Tensor) and expected.dim() > 0:
-        if expected.is_floating_point():
-            diff = (actual.to(torch.float64) - expected.to(torch.float64)).abs()
-            diff = diff.nan_to_num(float("inf"))
-            where = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
-        else:
-            diff = (actual.to(torch.int64) != expected.to(torch.int64))
-            where = tuple(int(i) for i in torch.unravel_index(diff.to(torch.int64).argmax(),
-                                                             diff.shape))
-        if expected.dim() == 2 and expected.shape[1] <= 8:
-            row = where[0]
-            return (f"row {row}: expected {_fmt(expected[row])}, got {_fmt(actual[row])} "
-                    f"(first difference at index {where})")
-        return (f"at index {where}: expected {_fmt(expected[where])}, got {_fmt(actual[where])}")
-    return f"expected {_fmt(expected)}, got {_fmt(actual)}"
+def _ids(positions: Sequence[int], limit: int = 8) -> str:
+    shown = ", ".join(str(p) for p in positions[:limit])
+    return shown + (f", ... ({len(positions)} in all)" if len(positions) > limit else "")
+
+
+def _matching(actual: Tensor, expected: Tensor, rtol: float, atol: float) -> list[int] | None:
+    """For each column of `actual`, the column of `expected` it equals (a permutation), or
+    None when some column matches none or two columns match the same one."""
+    n = expected.shape[1]
+    used: set[int] = set()
+    mapping = []
+    for j in range(n):
+        found = next((i for i in range(n) if i not in used
+                      and close(actual[:, j], expected[:, i], rtol, atol)), None)
+        if found is None:
+            return None
+        used.add(found)
+        mapping.append(found)
+    return mapping
+
+
+def difference(actual: Any, expected: Any, rtol: float = RTOL, atol: float = ATOL) -> str:
+    """Describe how `actual` differs from `expected`, naming the kind of difference.
+
+    Tried in order: a different type, shape (or the transposed shape), dtype; NaN or inf
+    where the reference is finite; transposed; the sign flipped; scaled by a constant;
+    shifted by a constant; columns (or rows) permuted; otherwise which rows and columns
+    differ. The largest difference follows.
+
+    >>> e = torch.tensor([[1.0, 2.0], [3.0, 5.0]])
+    >>> difference(-e, e).split(";")[0]
+    'the sign is flipped: yours is -1 times the expected values'
+    >>> difference(e[:, [1, 0]], e).split(";")[0]
+    'columns permuted: your column 0 is expected column 1, 1 is 0'
+    """
+    if not (isinstance(expected, Tensor) and isinstance(actual, Tensor)):
+        return f"expected {_fmt(expected)}, got {_fmt(actual)}"
+    e_shape, a_shape = tuple(expected.shape), tuple(actual.shape)
+    if a_shape != e_shape:
+        kind = f"shape {a_shape}, expected {e_shape}"
+        if a_shape == e_shape[::-1] and len(e_shape) == 2:
+            kind += (" (transposed: did you swap the two dimensions?)"
+                     if close(actual.t(), expected, rtol, atol) else " (the transposed shape)")
+        return kind
+    if actual.is_floating_point() != expected.is_floating_point():
+        want = "a floating-point" if expected.is_floating_point() else "an integer"
+        return (f"dtype {str(actual.dtype).replace('torch.', '')}, expected {want} tensor "
+                f"({str(expected.dtype).replace('torch.', '')})")
+    if expected.dim() == 0:
+        return _scalar_difference(actual, expected)
+    a, x = actual.to(torch.float64), expected.to(torch.float64)
+    detail = _largest(actual, expected)
+    bad = ~torch.isfinite(a) & torch.isfinite(x)
+    if bool(bad.any()):
+        where = [tuple(int(i) for i in idx) for idx in bad.nonzero()]
+        what = "NaN" if bool(torch.isnan(a[bad]).any()) else "inf"
+        return (f"{what} where the expected values are finite, at {_ids(where, 4)} (look for a "
+                "0/0, a log of 0 or an exp that overflows); " + detail)
+    if expected.dim() == 2 and e_shape[0] == e_shape[1] and close(a.t(), x, rtol, atol):
+        return "transposed: your [i, j] is the expected [j, i]; " + detail
+    if expected.is_floating_point() and bool(x.abs().max() > 0):
+        if close(-a, x, rtol, atol):
+            return "the sign is flipped: yours is -1 times the expected values; " + detail
+        c = float((a * x).sum() / (x * x).sum())
+        if abs(c - 1) > 1e-3 and close(a, c * x, rtol, atol):
+            return f"scaled by a constant: yours is {c:.4g} times the expected values; {detail}"
+        d = float((a - x).mean())
+        if abs(d) > atol and close(a, x + d, rtol, atol):
+            return f"shifted by a constant: yours is the expected values plus {d:.4g}; {detail}"
+    if expected.dim() == 2 and e_shape[1] > 1:
+        cols = _matching(a, x, rtol, atol)
+        if cols is not None:
+            moved = ", ".join(f"{j} is {i}" for j, i in enumerate(cols) if i != j)
+            pairs = moved.split(", ", 1)
+            pairs[0] = pairs[0].replace(" is ", " is expected column ", 1)
+            return f"columns permuted: your column {', '.join(pairs)}; {detail}"
+        rows = _matching(a.t(), x.t(), rtol, atol) if e_shape[0] > 1 else None
+        if rows is not None:
+            moved = ", ".join(f"{j} is {i}" for j, i in enumerate(rows) if i != j)
+            pairs = moved.split(", ", 1)
+            pairs[0] = pairs[0].replace(" is ", " is expected row ", 1)
+            return (f"rows permuted (the right rows in another order): your row "
+                    f"{', '.join(pairs)}; {detail}")
+    return _where(a, x, rtol, atol) + detail
+
+
+def _scalar_difference(actual: Tensor, expected: Tensor) -> str:
+    a, x = float(actual), float(expected)
+    text = f"expected {x:.6g}, got {a:.6g}"
+    if not math.isfinite(a) and math.isfinite(x):
+        return (f"{text}: {'NaN' if math.isnan(a) else 'inf'} where the expected value is "
+                "finite (look for a 0/0, a log of 0 or an exp that overflows)")
+    if math.isfinite(a) and x != 0 and a != 0:
+        if math.isclose(a, -x, rel_tol=1e-4):
+            return f"{text}: the sign is flipped"
+        return f"{text}: {a / x:.4g} times the expected value"
+    return text
+
+
+def _where(a: Tensor, x: Tensor, rtol: float, atol: float) -> str:
+    """Which rows (and, for a matrix, columns) differ."""
+    wrong = ~torch.isclose(a, x, rtol=rtol, atol=atol, equal_nan=True)
+    if a.dim() == 1:
+        idx = [int(i) for i in wrong.nonzero().reshape(-1)]
+        return f"entries {_ids(idx)} of {a.shape[0]} differ; "
+    flat = wrong.reshape(wrong.shape[0], -1)
+    rows = [int(i) for i in flat.any(1).nonzero().reshape(-1)]
+    text = f"rows {_ids(rows)} of {a.shape[0]} differ" if len(rows) < a.shape[0] else (
+        f"every row of {a.shape[0]} differs")
+    if a.dim() == 2:
+        cols = [int(i) for i in wrong.any(0).nonzero().reshape(-1)]
+        text += (f", in columns {_ids(cols)} of {a.shape[1]}" if len(cols) < a.shape[1]
+                 else f", in every column of {a.shape[1]}")
+    return text + "; "
+
+
+def _largest(actual: Tensor, expected: Tensor) -> str:
+    """Where the largest difference is, with the expected and actual values there."""
+    if expected.is_floating_point():
+        diff = (actual.to(torch.float64) - expected.to(torch.float64)).abs()
+        diff = diff.nan_to_num(float("inf"))
+    else:
+        diff = (actual.to(torch.int64) != expected.to(torch.int64)).to(torch.int64)
+    where = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+    if expected.dim() == 2 and expected.shape[1] <= 8:
+        row = where[0]
+        return (f"row {row}: expected {_fmt(expected[row])}, got {_fmt(actual[row])} "
+                f"(largest difference at index {where})")
+    return f"at index {where}: expected {_fmt(expected[where])}, got {_fmt(actual[where])}"

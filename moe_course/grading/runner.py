@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from .guard import ReferenceCalled, quiet, reference_guard
-from .probe import CheckFailure, Inputs, Outputs, Probe
+from .probe import CheckFailure, Inputs, NotImplementedYet, Outputs, Probe
 from .registry import EXERCISES, Exercise
 
 
@@ -71,8 +71,9 @@ def run_probe(exercise: Exercise, probe: Probe, obj: Any, inputs: Inputs) -> Out
         except ReferenceCalled:
             error = _implement_yourself(exercise)
         except NotImplementedError as exc:
-            error = CheckFailure(f"your {exercise.symbol} is not implemented yet (it raised "
-                                 f"NotImplementedError{': ' + str(exc)[:80] if str(exc) else ''})")
+            error = NotImplementedYet(f"your {exercise.symbol} is not implemented yet (it "
+                                      "raised NotImplementedError"
+                                      f"{': ' + str(exc)[:80] if str(exc) else ''})")
         except RecursionError:
             error = CheckFailure(f"your {exercise.symbol} raised RecursionError: does it call "
                                  "itself?")
@@ -85,7 +86,10 @@ def run_probe(exercise: Exercise, probe: Probe, obj: Any, inputs: Inputs) -> Out
     if guard.tripped:
         error = _implement_yourself(exercise)
     if error is not None:
-        raise _failure(exercise, probe, error.message) from None
+        failure = _failure(exercise, probe, error.message)
+        if isinstance(error, NotImplementedYet):
+            failure = NotImplementedYet(failure.message)
+        raise failure from None
     return outputs
 
 
@@ -119,8 +123,36 @@ def check(grade_id: str, obj: Any, *, hidden: bool = False) -> None:
     probes = exercise.hidden if hidden else exercise.visible
     for probe in probes:
         inputs = probe.inputs()
-        outputs = run_probe(exercise, probe, obj, inputs)
+        try:
+            outputs = run_probe(exercise, probe, obj, inputs)
+        except NotImplementedYet:
+            if not exercise.optional or hidden:
+                raise
+            # A skipped challenge: say so and let Run All go on. The hidden block of the
+            # tests cell (nbgrader) and the pytest grader still fail it: 0 points.
+            print(f"skipped: {exercise.symbol} not implemented (a challenge exercise, "
+                  f"0 of {exercise.points} points until you write it)")
+            return
         judge_probe(exercise, probe, inputs, outputs)
     n = len(probes)
     label = ("hidden " if hidden else "") + ("check" if n == 1 else "checks")
     print(f"✓ {exercise.symbol}: {n} {label} passed")
+
+
+def implemented(fn: Any, *args: Any, **kwargs: Any) -> bool:
+    """Whether `fn(*args, **kwargs)` runs past a stub's `raise NotImplementedError`.
+
+    The notebooks guard the demo cells of an optional exercise with it, so that a skipped
+    challenge does not stop Run All. Other errors propagate: a broken answer should show.
+
+    >>> def stub(x):
+    ...     raise NotImplementedError()
+    >>> implemented(stub, 1), implemented(abs, -1)
+    (False, True)
+    """
+    try:
+        with quiet():
+            fn(*args, **kwargs)
+    except NotImplementedError:
+        return False
+    return True

@@ -468,7 +468,8 @@ class RoutingExplorer(_PngDisplay):
                                  description="router", style=style, layout=lay)
         c["n_tokens"] = slider(w.IntSlider, "n_tokens", 2, 128, 1, "tokens T", "tokens")
         c["n_experts"] = slider(w.IntSlider, "n_experts", 2, 16, 1, "experts E", "experts")
-        c["k"] = slider(w.IntSlider, "k", 1, 16, 1, "k (top-k)", "experts per token")
+        c["k"] = slider(w.IntSlider, "k", 1, p["n_experts"], 1, "k (top-k)",
+                        "experts per token, at most E")
         c["capacity_factor"] = slider(w.FloatSlider, "capacity_factor", 0.25, 4.0, 0.25,
                                       "capacity factor", "slots = ceil(k T c / E)")
         c["noise_scale"] = slider(w.FloatSlider, "noise_scale", 0.0, 3.0, 0.1, "noise scale",
@@ -499,6 +500,9 @@ class RoutingExplorer(_PngDisplay):
         c["noise_scale"].disabled = not row.noisy
         for name in ("n_tokens", "n_experts"):
             c[name].disabled = self.logits is not None
+        # k runs from 1 to E: the slider's maximum follows E (a smaller E pulls k down).
+        c["k"].max = max(c["k"].min, int(self.params["n_experts"]) if self.logits is not None
+                         else c["n_experts"].value)
 
     def _read_controls(self) -> bool:
         """Copy the controls' values into `params`; True if anything changed."""

@@ -67,7 +67,7 @@ from moe_course.data import ownership, region_grid, regions_task
 from moe_course.grading import check
 from moe_course.train import train
 
-torch.manual_seed(0)
+_ = torch.manual_seed(0)  # seed everything below (the returned generator is not needed)
 
 # %% [markdown]
 # ## 1 · An expert
@@ -87,10 +87,28 @@ torch.manual_seed(0)
 # d_model)`, whose `forward` maps `(..., D)` to `(..., D)`. The attribute names matter: the
 # check copies known weights into them.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# `nn.Linear` acts on the last dimension, whatever the leading ones are, so `forward` is
-# one line: apply `w_in`, the GELU, then `w_out`. Remember `super().__init__()`.
+# An expert is a two-layer perceptron applied to each token on its own: `w_in` lifts a
+# token from `D` to `H` numbers, the GELU bends them, `w_out` brings them back to `D`.
+# `nn.Linear` acts on the last dimension whatever the leading ones are, so a `(T, D)` batch
+# and a `(B, S, D)` batch need no reshaping. Watch out for two things: call
+# `super().__init__()` before assigning any layer (otherwise `nn.Module` cannot register
+# it), and use the exact GELU, `F.gelu`'s default, not `approximate="tanh"`.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# def __init__(self, d_model, d_hidden):
+#     super().__init__()
+#     self.w_in = ...    # nn.Linear(?, ?): D -> H
+#     self.w_out = ...   # H -> D
+#
+# def forward(self, x):  # (..., D)
+#     h = ...            # (..., H), after the GELU
+#     return ...         # (..., D)
+# ```
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex01_expert", "locked": false, "schema_version": 3, "solution": true}
@@ -141,15 +159,28 @@ plt.show()
 #
 # $$g(x) = \operatorname{softmax}(x W_g), \qquad g_e(x) = \frac{e^{(x W_g)_e}}{\sum_{j} e^{(x W_g)_j}}.$$
 #
-# Shazeer et al. (2017) write exactly this as their eq. 2 (the "softmax gating" they start from) making it sparse.
+# Shazeer et al. (2017) write exactly this as their eq. 2: the "softmax gating" they start
+# from before making it sparse.
 #
 # **Exercise 2 (1 point).** Write `softmax_gate(x, w_gate)`: `x` is `(T, D)`, `w_gate` is
 # `(D, E)`; return the `(T, E)` gate whose rows sum to 1.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# The softmax runs over the experts, the last dimension: `torch.softmax(logits, dim=-1)`.
-# Over `dim=0` each *expert's* column would sum to 1 instead, a different (and wrong) thing.
+# The gate scores every expert for every token with one linear map, the router logits
+# `x @ w_gate` of shape `(T, E)`, and a softmax turns each token's row of scores into
+# weights that are positive and sum to 1. Which axis? Over the experts, the last one: over
+# `dim=0` each *expert's* column would sum to 1 instead, a different (and wrong) thing.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# logits = ...                            # (T, E), one score per token and expert
+# gates = torch.softmax(logits, dim=...)  # each row sums to 1
+# ```
+# `torch.softmax` subtracts each row's maximum before exponentiating, so large logits do not
+# overflow; a hand-written `exp(l) / exp(l).sum()` does.
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex01_softmax_gate", "locked": false, "schema_version": 3, "solution": true}
@@ -176,7 +207,7 @@ torch.manual_seed(2)
 n = 120
 grid = region_grid(n).x  # (n * n, 2) points on [-1, 1]^2
 w_demo = torch.randn(2, 4)  # (D, E)
-fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+fig, axes = plt.subplots(1, 2, figsize=(8, 3.8), layout="constrained")  # room for suptitle
 for ax, scale in zip(axes, (1.0, 8.0)):
     gates = softmax_gate(grid, scale * w_demo)  # (T, E)
     # colour: the winning expert; brightness: how confident the gate is (1/E to 1)
@@ -202,12 +233,23 @@ print("gate of the point (-1, -1):", softmax_gate(grid[:1], w_demo))
 # `(y, gates)`: `y` is `(T, D)`, `gates` the `(T, E)` gate from your `softmax_gate`.
 # `experts` is a list (or `nn.ModuleList`) of `E` modules mapping `(n, D)` to `(n, D)`.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# Stack the experts' outputs into `(T, E, D)` with `torch.stack([...], dim=1)`, then weight
-# and sum over `E`: `(gates[:, :, None] * outs).sum(1)`, or `torch.einsum("te,ted->td",
-# gates, outs)`. A Python loop that accumulates `gates[:, e:e+1] * expert(x)` is just as
-# right.
+# Three steps, one line each: the `(T, E)` gates from your `softmax_gate`; every expert's
+# output on every token; then, for each token, the gate-weighted sum of the `E` outputs,
+# $y_t = \sum_e g_{t,e} \, E_e(x_t)$. Return the gates too. `experts` may be a list or an
+# `nn.ModuleList`: iterate over it, both work the same way.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# gates = ...                                # (T, E)
+# outs = torch.stack([...], dim=1)           # (T, E, D): expert e's output in slice e
+# y = (gates[:, :, None] * outs).sum(...)    # (T, D): weight, then sum over E
+# ```
+# `torch.einsum("te,ted->td", gates, outs)` does the last line in one call; a Python loop
+# that accumulates `gates[:, e:e+1] * expert(x)` is just as right.
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex01_dense_moe", "locked": false, "schema_version": 3, "solution": true}

@@ -99,12 +99,25 @@ QUICK = fast_mode()  # True while a grader runs the notebook: the timing cells s
 # logits, in the same order. Raise a `ValueError` that says what `k` was and what it must
 # be unless `1 <= k <= E`.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# `torch.topk(logits, k, dim=-1)` returns the `k` largest values and their indices, sorted
-# in descending order. A softmax over the values (`dim=-1`) gives the weights. Check `k`
-# first: `torch.topk` raises its own `RuntimeError` for `k > E`, but it accepts `k = 0`
-# happily and returns empty tensors.
+# Three steps. First check `k` and raise a `ValueError` naming `k` and `E` unless
+# `1 <= k <= E`: `torch.topk` raises its own `RuntimeError` for `k > E`, and it accepts
+# `k = 0` happily, returning empty tensors. Then keep each row's `k` largest logits with
+# their expert ids, best first. Last, a softmax over those `k` logits only: it equals the
+# full softmax renormalised over the kept experts, and it must stay a torch operation so
+# the router gets a gradient.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# n_experts = logits.shape[-1]
+# if not 1 <= k <= ...:
+#     raise ValueError(f"k must satisfy 1 <= k <= E = {...}; got k = {k}")
+# top_logits, indices = torch.topk(...)   # (T, K), (T, K), sorted descending by default
+# weights = ...                           # softmax over the K kept logits, same order
+# ```
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex02_top_k_gating", "locked": false, "schema_version": 3, "solution": true}
@@ -210,10 +223,22 @@ plt.show()
 # `x @ w_gate` when `noise` is `None`. Do not draw your own noise: a function that takes
 # its randomness as an argument is reproducible and testable.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# Two matrix products and `F.softplus`. Test `noise is None` (not `not noise`, which asks a
-# tensor for its truth value and fails).
+# Eq. 4 adds to the clean logits `x @ w_gate` a noise whose *scale* is learned per token
+# and expert: the caller's standard-normal sample times `softplus(x @ w_noise)`, which is
+# always positive. With `noise=None` (evaluation, and the default) there is no noise at
+# all: return the clean logits. Never draw noise yourself; the caller passes it in.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# clean = ...                   # (T, E)
+# if noise is None:             # `is None`: `not noise` asks a tensor for its truth value
+#     return ...
+# scale = F.softplus(...)       # (T, E), > 0
+# ```
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex02_noisy_logits", "locked": false, "schema_version": 3, "solution": true}
@@ -330,18 +355,28 @@ print("shares at scale 0 (evaluation):", shared[0].numpy().round(2),
 # the weights as given, without renormalising them: later notebooks pass weights that do
 # not sum to 1.
 #
-# <details><summary>Hint 1: which rows go to expert e?</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# `token, slot = torch.nonzero(indices == e, as_tuple=True)` gives, for every assignment to
-# expert `e`, the token's row and the position `j` in its top-k list. Then `x[token]` is
-# the expert's batch and `weights[token, slot]` the matching weights, shape `(n_e,)`.
+# Loop over the *experts*, not over the tokens. For expert `e`, find every assignment
+# routed to it: the token's row `t` and the position `j` in its top-k list (where
+# `indices[t, j] == e`). If there is none, skip the expert. Otherwise run it **once** on
+# those rows, scale each output row by its weight `weights[t, j]`, and add it into row `t`
+# of the output. A token routed to two experts gets two contributions. Use the weights as
+# given: no renormalising.
 # </details>
 #
-# <details><summary>Hint 2: putting the outputs back</summary>
+# <details><summary>Hint 2: the shape of the code</summary>
 #
-# Start from `y = torch.zeros_like(x)` and add each expert's weighted rows into the rows
-# they came from: `y = y.index_add(0, token, weights[token, slot, None] * out)`. The
-# out-of-place `index_add` keeps autograd happy and never writes into an argument.
+# ```python
+# y = torch.zeros_like(x)                                   # (T, D)
+# for e, expert in enumerate(experts):
+#     token, slot = torch.nonzero(..., as_tuple=True)       # (n_e,), (n_e,)
+#     if ...:
+#         continue                                          # nobody chose expert e
+#     out = expert(...)                                     # (n_e, D)
+#     y = y.index_add(0, token, ...)                        # the weighted rows, back home
+# ```
+# The out-of-place `index_add` keeps autograd happy and never writes into an argument.
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex02_sparse_moe", "locked": false, "schema_version": 3, "solution": true}
@@ -449,9 +484,21 @@ print(f"k = E: max |sparse - dense_moe|               = {(y_k_equals_e - y_dense
 # **Exercise 4 (1 point).** Write `moe_flops(n_tokens, d_model, d_hidden, n_experts, k)`,
 # returning the forward FLOPs above as a Python `int`.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# Integer arithmetic only, so the result stays an `int`: `2 * T * D * E + 2 * T * K * 2 * D * H`.
+# A product of a `(m, n)` and an `(n, p)` matrix does `m * n * p` multiply-adds, that is
+# `2 * m * n * p` FLOPs. The router is one such product, `(T, D) @ (D, E)`, for every
+# token. The experts run only on the `T * K` assignments, each through two products of
+# size `D x H` (`w_in` and `w_out`). Biases and activations are left out.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# router = 2 * n_tokens * ...          # x @ w_gate, once per token
+# experts = 2 * (n_tokens * k) * ...   # two D x H matmuls per assignment
+# ```
+# Use integer arithmetic only (`*`, never `/`), so that the result stays an exact `int`.
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex02_moe_flops", "locked": false, "schema_version": 3, "solution": true}

@@ -100,8 +100,17 @@ QUICK = fast_mode()  # True while a grader runs the notebook: training shrinks t
 # **Exercise 1 (1 point).** Write `expert_choice_capacity(n_tokens, n_experts,
 # capacity_factor)` returning `C` as a Python `int`.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
+# Each expert takes its fair share of the `T` tokens, `T / E`, times the capacity
+# factor, rounded *up*, and never more than all `T` tokens. Return a Python `int`.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# share = n_tokens * capacity_factor / n_experts
+# ```
 # `math.ceil` rounds up and returns an `int`; `min(n_tokens, ...)` caps it. Do not use
 # `round` or `int(...)`, which round to nearest or down.
 # </details>
@@ -159,11 +168,20 @@ for t, e, c in [(4096, 64, 2.0), (4096, 64, 1.0), (512, 8, 2.0), (10, 4, 2.0), (
 # `token_idx[e]` holds the `C` tokens with the largest `S[:, e]` in *descending* order and
 # `gates[e]` those `S` values, in the same order.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# `S = torch.softmax(logits, dim=-1)` (over experts). Then `torch.topk(S.T, capacity,
-# dim=-1)` picks along each expert's row of `S.T`, sorted in descending order; or take
-# `S.topk(capacity, dim=0)`, which is `(C, E)`, and transpose both results.
+# First the affinities `S`, the softmax of the logits over the *experts* (as in every
+# router so far). Then turn the choice around: each expert looks down its own column of
+# `S` and takes the `C` tokens with the largest values, best first; its gates are those `S`
+# values. With `C = T` every expert takes every token.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# scores = torch.softmax(logits, dim=...)   # (T, E), over the experts
+# gates, token_idx = ...                    # topk along each expert's row of scores.T: (E, C)
+# ```
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex04_expert_choice_routing", "locked": false, "schema_version": 3, "solution": true}
@@ -265,18 +283,25 @@ print("experts per token, expert choice:", ec_matrix.gt(0).sum(0).tolist())
 # the `(T, D)` output. Call each expert **once**, on its `C` rows (the check counts the
 # calls), and *add* the contributions of a token picked by several experts.
 #
-# <details><summary>Hint 1: one expert</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# `rows = token_idx[e]` is `(C,)`; `x[rows]` is the expert's `(C, D)` batch, and
-# `gates[e, :, None] * experts[e](x[rows])` its weighted output, row `j` belonging to token
-# `rows[j]`.
+# Loop over the experts. Expert `e` runs **once**, on the `C` rows `token_idx[e]`; each
+# output row is scaled by its gate and *added* to the token it came from. A token picked by
+# two experts gets both contributions, a token picked by none stays 0. `experts` may be a
+# list or an `nn.ModuleList`.
 # </details>
 #
-# <details><summary>Hint 2: putting the outputs back</summary>
+# <details><summary>Hint 2: the shape of the code</summary>
 #
-# Start from `y = torch.zeros_like(x)` and add each expert's rows into the tokens they came
-# from: `y = y.index_add(0, rows, weighted)`. An assignment such as `y[rows] = weighted`
-# would *overwrite* a token's earlier contribution when a second expert picked it too.
+# ```python
+# y = torch.zeros_like(x)                  # (T, D)
+# for e, expert in enumerate(experts):
+#     rows = token_idx[e]                  # (C,)
+#     weighted = ...                       # (C, D): gates[e] as a column times the outputs
+#     y = y.index_add(0, rows, ...)
+# ```
+# An assignment such as `y[rows] = weighted` would *overwrite* a token's earlier
+# contribution when a second expert picked it too.
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex04_expert_choice_moe", "locked": false, "schema_version": 3, "solution": true}
@@ -353,11 +378,20 @@ plt.show()
 # n_tokens`, counting how many experts chose each token. Tokens nobody chose count 0, and
 # the result must still have `n_tokens` entries when the last tokens were never chosen.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# `torch.bincount(token_idx.flatten(), minlength=n_tokens)` counts each token id;
-# without `minlength` it stops at the largest id that occurs. One-hot encoding and summing,
-# `F.one_hot(token_idx.flatten(), n_tokens).sum(0)`, does the same.
+# Count how often each token id appears anywhere in `token_idx`. The result has one
+# entry per token, `n_tokens` of them, including the tokens nobody chose (0), even when
+# they are the last ones.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# flat = token_idx.flatten()   # (E * C,) token ids
+# ```
+# `torch.bincount` counts ids, but stops at the largest one it sees unless you pass
+# `minlength`; `F.one_hot(flat, n_tokens).sum(0)` counts too.
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex04_experts_per_token", "locked": false, "schema_version": 3, "solution": true}

@@ -166,27 +166,35 @@ print(f"output {tuple(out.x.shape)}; attention {n_attn:,} parameters, "
 # versions); `moe_course.MoEFeedForward` itself is the answer, and a solution that calls
 # it gets no points.
 #
-# <details><summary>Hint 1: the top-k branch</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# ```python
-# weights, indices = top_k_gating(logits, self.k)                       # (T, K), (T, K)
-# keep = torch.ones_like(indices, dtype=torch.bool)                     # (T, K)
-# if self.capacity_factor is not None:
-#     capacity = expert_capacity(n_tokens, n_experts, self.capacity_factor, self.k)
-#     weights, keep = apply_capacity(weights, indices, capacity)        # (T, K), (T, K)
-# y = sparse_moe(flat, self.experts, weights, indices)                  # (T, D)
-# ```
-# A dropped assignment has weight 0, so it adds nothing to `y`. For the load, count the
-# kept assignments: `torch.bincount(indices[keep], minlength=n_experts).float()`.
+# `forward` is the functions of notebooks 01 to 04 in a row. Flatten `(B, S, D)` to
+# `(T, D)` tokens; the router logits are `self.gate(flat)`; the z-loss comes from them in
+# both branches. **Top-k**: `top_k_gating`, then (only when `capacity_factor` is given)
+# `expert_capacity` with `k` and `apply_capacity`, then `sparse_moe`; the Switch loss takes
+# the softmax over *all* experts and every chosen index, before capacity. **Expert
+# choice**: the capacity has no `k` in it, `expert_choice_capacity(T, E, factor)` with
+# `factor = capacity_factor` if given, else `float(k)`; then `expert_choice_routing` and
+# `expert_choice_moe`; the aux loss is a zero scalar (`logits.new_zeros(())`). Reshape `y`
+# back to `(B, S, D)`. In `__init__`, check `router` first.
 # </details>
 #
-# <details><summary>Hint 2: the expert-choice branch</summary>
+# <details><summary>Hint 2: the shape of the code</summary>
 #
-# `routing = expert_choice_routing(logits, capacity)` holds `gates` and `token_idx`, both
-# `(E, C)`; `expert_choice_moe(flat, self.experts, routing.gates, routing.token_idx)` mixes.
-# The capacity has no `k` in it: `expert_choice_capacity(T, E, factor)` with `factor =
-# capacity_factor` if given, else `float(k)`. Every expert processes exactly `C` tokens.
-# A zero scalar that lives on the right device and dtype: `logits.new_zeros(())`.
+# ```python
+# flat = x.reshape(-1, x.shape[-1])                       # (T, D)
+# logits = ...                                            # (T, E)
+# if self.router == "top_k":
+#     weights, indices = top_k_gating(logits, self.k)     # (T, K), (T, K)
+#     keep = torch.ones_like(indices, dtype=torch.bool)   # (T, K)
+#     if self.capacity_factor is not None:
+#         ...                                             # capacity, then apply_capacity
+#     y = ...                                             # sparse_moe on the kept weights
+# else:
+#     ...                                                 # expert-choice branch
+# ```
+# For the load, count the kept assignments: `torch.bincount(indices[keep],
+# minlength=n_experts).float()`.
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex05_moe_feed_forward", "locked": false, "schema_version": 3, "solution": true}
@@ -308,7 +316,7 @@ print("parameters of one layer:", count_parameters(blocks["top_k"].ffn))
 # \;+\; \alpha \sum_{l} \mathcal L^{(l)}_{\text{aux}} \;+\; \beta \sum_{l} \mathcal L^{(l)}_{z}.$$
 #
 # The Switch Transformer uses $\alpha = 0.01$ (Fedus et al. Sec. 2.2), ST-MoE $\beta =
-# 0.001$ (Zoph et al. Sec. 3.1). The losses are *summed* over layers: each layer's router
+# 0.001$ (Zoph et al. Sec. 3.3, eq. 6). The losses are *summed* over layers: each layer's router
 # must be balanced on its own, and a model with more layers gets more of them.
 #
 # **Exercise 2 (1 point).** Write `moe_lm_loss(logits, targets, aux_losses,
@@ -320,11 +328,21 @@ print("parameters of one layer:", count_parameters(blocks["top_k"].ffn))
 # code passes, and `layer_losses`, which makes the list from a model's MoE outputs. Return
 # a scalar tensor.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# `F.cross_entropy` wants `(N, V)` scores and `(N,)` targets: reshape with
-# `logits.reshape(-1, logits.shape[-1])` and `targets.reshape(-1)`. Then `sum(layer.aux_loss
-# for layer in aux_losses)` and the same for `z_loss` (the sum of an empty list is 0).
+# The language-model loss is the cross-entropy averaged over all `B * S` positions. To
+# it add `aux_weight` times the *sum* over layers of the auxiliary losses and `z_weight`
+# times the sum of the z-losses. A dense model has no MoE layer: the list is empty, and the
+# loss is the cross-entropy alone.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# ce = F.cross_entropy(logits.reshape(-1, ...), targets.reshape(-1))   # (N, V) and (N,)
+# aux = sum(layer.aux_loss for layer in aux_losses)                    # 0 for no layers
+# ```
+# (`torch.stack` of an empty list fails; the built-in `sum` of one gives 0.)
 # </details>
 
 # %%

@@ -99,11 +99,23 @@ for rank in range(4):
 # tensor whose entry `r` is the number of assignments that go to rank `r`. Raise a
 # `ValueError` if `n_experts` is not a multiple of `world_size`.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# Integer division turns expert ids into rank ids, `indices // (n_experts // world_size)`;
-# `torch.bincount(..., minlength=world_size)` on the flattened result counts them, zeros
-# included for ranks that get nothing.
+# The experts sit on the ranks in contiguous blocks of `E / W`, so expert `e` lives on
+# rank `e // (E / W)`. Count every assignment (a token routed to two experts of one rank
+# sends that rank two rows), one count per rank, and 0 for a rank that gets nothing. If
+# `E` is not a multiple of `W` the blocks cannot be equal: raise a `ValueError`.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# if n_experts % world_size:
+#     raise ValueError(...)
+# owner = indices // ...      # (T, K): the rank of each assignment's expert
+# ```
+# `torch.bincount(..., minlength=world_size)` on the flattened owners counts, zeros
+# included.
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex06_send_counts", "locked": false, "schema_version": 3, "solution": true}
@@ -206,11 +218,21 @@ for label, m in matrices.items():
 # `send_counts`. Assignments of the same expert may come in any order among themselves (a
 # stable sort keeps their original order, which is easiest to read).
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# `torch.argsort(flat, stable=True)` sorts. The inverse of a permutation is its own argsort,
-# `torch.argsort(order)`, or, without sorting again,
-# `torch.empty_like(order).scatter(0, order, torch.arange(len(order)))`.
+# Number the assignments row by row, `indices.reshape(-1)`, so that assignment `a` is
+# token `a // K`, choice `a % K`. Sorting them by expert id also sorts them by destination
+# rank (the blocks are contiguous), so a stable sort gives `order`. The inverse permutation
+# puts them back: `inverse[order[i]] = i`. The counts are your `send_counts`.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# flat = indices.reshape(-1)                   # (T*K,)
+# order = torch.argsort(flat, stable=...)      # (T*K,)
+# inverse = ...                                # argsort the order, or scatter arange into it
+# ```
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex06_permute_for_all_to_all", "locked": false, "schema_version": 3, "solution": true}
@@ -325,31 +347,31 @@ plt.show()
 # output. With no process group at all (here in the notebook) it must run on one process,
 # `W = 1`: the `world` and `exchange` helpers take care of that.
 #
-# <details><summary>Hint 1: exchanging the counts</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# `per_expert = torch.bincount(indices.reshape(-1), minlength=E)` counts this rank's rows per
-# expert. Reshaped to `(W, E / W)`, its row `r` is what rank `r` needs to know, so
-# `exchange(per_expert.reshape(W, E // W), [1] * W, [1] * W, group)` sends one row to each
-# rank and returns a `(W, E / W)` matrix `recv_counts`: `recv_counts[s, j]` rows will come
-# from rank `s` for local expert `j`. The dispatch's split sizes are then
-# `plan.counts.tolist()` (send) and `recv_counts.sum(1).tolist()` (receive).
+# Two exchanges carry rows (the dispatch and, with the split-size lists swapped, the
+# combine) and one tiny exchange carries counts before them. The counts exchange tells each
+# rank `r`, for every source rank `s` and local expert `j`, how many rows will come:
+# `recv_counts[s, j]`. The dispatch sends `plan.counts` rows to each rank and receives
+# `recv_counts.sum(1)` from each. The received rows come from rank 0, then rank 1, ...,
+# each source's rows sorted by expert: group them by local expert, call each local expert
+# once (on 0 rows too, so that every rank takes part in the backward exchanges), put the
+# outputs back in arrival order, send them home, then `rows[plan.inverse]` is in assignment
+# order `(T, K, D)`: weight and sum over `K`.
 # </details>
 #
-# <details><summary>Hint 2: grouping the received rows by expert</summary>
+# <details><summary>Hint 2: the shape of the code (steps 2 and 4)</summary>
 #
-# The local expert of each received row, in arrival order, is
-# `torch.arange(E // W).repeat(W).repeat_interleave(recv_counts.reshape(-1))`. A stable
-# `argsort` of it, `by_expert`, groups the rows by expert; `torch.split(rows[by_expert],
-# recv_counts.sum(0).tolist())` gives one piece per local expert (some may have 0 rows: call
-# the expert anyway). Concatenate the outputs and undo the grouping with
-# `torch.empty_like(out).index_copy(0, by_expert, out)`.
-# </details>
-#
-# <details><summary>Hint 3: back home</summary>
-#
-# The combine exchange is the dispatch with the two split-size lists swapped. Then
-# `back[plan.inverse].reshape(T, K, D)` holds each assignment's expert output; weight with
-# `weights[..., None]` and sum over dimension 1.
+# ```python
+# per_expert = torch.bincount(indices.reshape(-1), minlength=n_experts)  # (E,)
+# recv_counts = exchange(per_expert.reshape(world_size, n_local), ..., ..., group)  # (W, E/W)
+# received = exchange(x[plan.order // k], ..., ..., group)  # which split list is which?
+# local_id = ...         # local expert of each received row, in arrival order
+# by_expert = torch.argsort(local_id, stable=True)
+# pieces = torch.split(received[by_expert], ...)            # one piece per local expert
+# ```
+# `torch.arange(n_local).repeat(world_size)` lists the `(source, expert)` blocks in arrival
+# order; `repeat_interleave` with the counts expands it to one id per row.
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex06_expert_parallel_forward", "locked": false, "schema_version": 3, "solution": true}

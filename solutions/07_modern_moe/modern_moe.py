@@ -105,17 +105,24 @@ QUICK = fast_mode()  # True while a grader runs the notebook: the simulations an
 # each shared expert once on all of `x`, and each routed expert only on its own rows, as in
 # notebook 02.
 #
-# <details><summary>Hint 1: the gates</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# `torch.softmax(x @ w_gate, dim=-1)` then `torch.topk(..., k, dim=-1)` gives the values
-# and ids of the `k` largest probabilities, best first. Leave the values as they are.
+# Two parts added together. The routed part is notebook 02's sparse mixture with one
+# difference in the gates: DeepSeekMoE takes the softmax over *all* routed experts and
+# keeps the `k` largest probabilities as they are, without renormalising them (eq. 10-11).
+# The shared part runs each shared expert once on all of `x` and adds its output with
+# weight 1 (there may be none). Build `y` out of place.
 # </details>
 #
-# <details><summary>Hint 2: the experts</summary>
+# <details><summary>Hint 2: the shape of the code</summary>
 #
-# The routed part is exactly notebook 02's sparse dispatch: `sparse_moe(x, routed_experts,
-# weights, indices)` (imported above from `moe_course`; using it is fine). Then add
-# `expert(x)` for each shared expert, out of place (`y = y + ...`).
+# ```python
+# scores = torch.softmax(..., dim=-1)          # (T, E) over the routed experts
+# weights, indices = torch.topk(scores, ...)   # (T, K), best first, not renormalised
+# y = ...                                      # the routed part (sparse_moe is fine to use)
+# for expert in shared_experts:
+#     y = ...                                  # y + this expert on every token
+# ```
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex07_shared_expert_moe", "locked": false, "schema_version": 3, "solution": true}
@@ -225,11 +232,22 @@ for bias_one in (torch.zeros(4), torch.tensor([-0.5, 0.0, 0.0, 0.0])):
 # `bias + gamma * sign(mean(counts) - counts)`, without modifying `bias` in place. An expert
 # exactly at the mean keeps its bias.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# Convert the counts to float first (`.mean()` refuses integer tensors), then
-# `torch.sign(counts.mean() - counts)` is `+1`, `0` or `-1` per expert. Return a new
-# tensor: `bias + ...`, not `bias += ...`.
+# Compare each expert's count with the mean count. An expert above the mean is
+# overloaded: lower its bias by `gamma` so that fewer tokens pick it; one below the mean
+# gets `+gamma`; one exactly at the mean keeps its bias. That is `gamma` times the *sign*
+# of `mean - count`, not the difference itself. Counts may be integers or float loads, and
+# the caller's `bias` must not change.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# counts = expert_counts.to(torch.float64)   # .mean() refuses integer tensors
+# step = gamma * torch.sign(...)             # +gamma, 0 or -gamma per expert
+# ```
+# then return a new tensor, the bias plus the step in `bias.dtype` (not `bias += ...`).
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex07_aux_free_bias_update", "locked": false, "schema_version": 3, "solution": true}
@@ -342,16 +360,25 @@ for gamma, (loads, _) in runs.items():
 # `dispatch` and `combine` the two `(T, E*C)` weight matrices. Call each expert once, on its
 # `C` slots together.
 #
-# <details><summary>Hint 1: which axis?</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# `dispatch = torch.softmax(x @ phi, dim=0)`: each *column* (slot) sums to 1 over the tokens.
-# `combine = torch.softmax(x @ phi, dim=1)`: each *row* (token) sums to 1 over the slots.
+# One logit matrix `x @ phi`, `(T, E*C)`, read two ways. The **dispatch** weights are its
+# softmax over the *tokens* (each slot is a weighted average of all tokens, eq. 1); the
+# **combine** weights are its softmax over the *slots* (each token's output is a weighted
+# average of the slot outputs, eq. 2). Slot `i` belongs to expert `i // C`: expert `e`
+# runs once on its `C` slots together. Keep it all in torch so that `phi` gets a
+# gradient.
 # </details>
 #
-# <details><summary>Hint 2: slots and experts</summary>
+# <details><summary>Hint 2: the shape of the code</summary>
 #
-# `slots = dispatch.T @ x` is `(E*C, D)`. Expert `e` runs on `slots[e*C:(e+1)*C]`;
-# `torch.cat` the `E` outputs back into `(E*C, D)` in order, then `y = combine @ outs`.
+# ```python
+# logits = x @ phi                             # (T, E*C)
+# dispatch = torch.softmax(logits, dim=...)    # columns sum to 1
+# combine = ...                                # rows sum to 1
+# slots = ...                                  # (E*C, D) from dispatch and x
+# outs = torch.cat([...])                      # expert e on slots[e*C:(e+1)*C], in order
+# ```
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex07_soft_moe", "locked": false, "schema_version": 3, "solution": true}
@@ -470,11 +497,23 @@ print("tokens 0..8 moved under Soft MoE:", bool((moved_soft[:-1] > 0).all()))
 # order, then expert 1's, ...), so that `indices.reshape(-1)[order]` is sorted; `counts` is
 # the `(E,)` number of assignments of each expert, `0` for an expert nobody chose.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# `flat = indices.reshape(-1)`; `torch.sort(flat, stable=True).indices` is the permutation
-# (torch's default sort does not promise stability); `torch.bincount(flat,
-# minlength=n_experts)` counts, including the idle experts at the end.
+# Number the assignments row by row (`indices.reshape(-1)`, id `t*K + j`). Sorting
+# those expert ids *stably* groups the assignments by expert and keeps token order within
+# an expert; what you return is the permutation (where each sorted entry came from), not
+# the sorted values. The counts are one per expert, 0 for an expert nobody chose, the last
+# one too.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# flat = indices.reshape(-1)                  # (T*K,)
+# order = torch.sort(flat, stable=...).indices
+# ```
+# torch's default sort does not promise stability; `torch.bincount` needs
+# `minlength=n_experts` to count the idle experts at the end.
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex07_sort_by_expert", "locked": false, "schema_version": 3, "solution": true}

@@ -165,27 +165,47 @@ def _dense_judge(inputs: Inputs, outputs: Outputs) -> None:
     ])
 
 
+# Rules the exercises state, each tested by a visible probe and again by a hidden one.
+EXACT_GELU = "w_out(GELU(w_in(x))) with the exact GELU"
+ATTRIBUTES = "attributes w_in, w_out: nn.Linear with biases, nothing else"
+ANY_BATCH = "(..., D) -> (..., D): any leading dimensions"
+GATE_SOFTMAX = "softmax over the experts (dim=-1)"
+LARGE_LOGITS = "finite for large logits"
+NO_MUTATION = "never changes an argument in place"
+MIXTURE = "y = sum_e gates[:, e] * experts[e](x), returns (y, gates)"
+LIST_OR_MODULE_LIST = "experts may be a list or an nn.ModuleList"
+
 VISIBLE_EXPERT = (
     Probe("Expert(6, 10) on (5, 6) tokens", lambda: _expert_inputs(101, 6, 10, (5,)),
-          _expert_run, _expert_judge),
+          _expert_run, _expert_judge, rules=(EXACT_GELU, ATTRIBUTES)),
+    Probe("Expert(5, 8) on a (3, 2, 5) batch", lambda: _expert_inputs(103, 5, 8, (3, 2)),
+          _expert_run, _expert_judge, rules=(EXACT_GELU, ATTRIBUTES, ANY_BATCH)),
 )
 HIDDEN_EXPERT = (
     Probe("Expert(4, 7) on a (2, 3, 4) batch", lambda: _expert_inputs(102, 4, 7, (2, 3)),
-          _expert_run, _expert_judge),
+          _expert_run, _expert_judge, rules=(EXACT_GELU, ATTRIBUTES, ANY_BATCH)),
 )
 VISIBLE_SOFTMAX_GATE = (
-    Probe("6 tokens, 5 experts", lambda: _gate_inputs(111, 6, 4, 5), _gate_run, _gate_judge),
+    Probe("6 tokens, 5 experts", lambda: _gate_inputs(111, 6, 4, 5), _gate_run, _gate_judge,
+          rules=(GATE_SOFTMAX, NO_MUTATION)),
+    Probe("large logits, 4 tokens", lambda: _gate_inputs(114, 4, 5, 4, scale=60.0),
+          _gate_run, _gate_judge, rules=(GATE_SOFTMAX, LARGE_LOGITS)),
 )
 HIDDEN_SOFTMAX_GATE = (
-    Probe("3 tokens, 4 experts", lambda: _gate_inputs(112, 3, 7, 4), _gate_run, _gate_judge),
+    Probe("3 tokens, 4 experts", lambda: _gate_inputs(112, 3, 7, 4), _gate_run, _gate_judge,
+          rules=(GATE_SOFTMAX, NO_MUTATION)),
     Probe("large logits", lambda: _gate_inputs(113, 5, 4, 3, scale=60.0), _gate_run,
-          _gate_judge),
+          _gate_judge, rules=(GATE_SOFTMAX, LARGE_LOGITS)),
 )
 VISIBLE_DENSE_MOE = (
     Probe("6 tokens, 3 experts (a list)", lambda: _dense_inputs(121, 6, 4, 3),
-          _dense_run(module_list=False), _dense_judge),
+          _dense_run(module_list=False), _dense_judge, rules=(MIXTURE, NO_MUTATION)),
+    Probe("4 tokens, 5 experts (an nn.ModuleList)", lambda: _dense_inputs(123, 4, 3, 5),
+          _dense_run(module_list=True), _dense_judge,
+          rules=(MIXTURE, LIST_OR_MODULE_LIST)),
 )
 HIDDEN_DENSE_MOE = (
     Probe("5 tokens, 4 experts (an nn.ModuleList)", lambda: _dense_inputs(122, 5, 3, 4),
-          _dense_run(module_list=True), _dense_judge),
+          _dense_run(module_list=True), _dense_judge,
+          rules=(MIXTURE, LIST_OR_MODULE_LIST, NO_MUTATION)),
 )

@@ -295,52 +295,76 @@ def _flops_judge(inputs: Inputs, outputs: Outputs) -> None:
                            f"{router} plus experts 2 * T*K * 2*D*H = {experts})")
 
 
+# Rules the exercises state, each tested by a visible probe and again by a hidden one.
+TOP_K_ORDER = "indices: the k largest logits, in descending order"
+TOP_K_SOFTMAX = "weights: softmax over the k kept logits, paired with indices"
+K_RANGE = "ValueError unless 1 <= k <= E"
+K_EQUALS_E = "k = E is allowed"
+DIFFERENTIABLE = "differentiable: gradients reach the inputs"
+NO_MUTATION = "never changes an argument in place"
+EQ4 = "x @ w_gate + noise * softplus(x @ w_noise) (eq. 4), the caller's noise"
+NOISE_NONE = "noise=None (the default) gives the clean logits"
+SPARSE_MIX = "y[t] = sum_j weights[t, j] * experts[indices[t, j]](x[t]), weights as given"
+CALLS = "each expert called at most once, on exactly its rows, never when idle"
+LIST_OR_MODULE_LIST = "experts may be a list or an nn.ModuleList"
+FLOPS = "router 2*T*D*E plus experts 2 * T*K * 2*D*H, a Python int"
+FLOPS_LARGE = "exact for large layers (integer arithmetic)"
+
 VISIBLE_TOP_K_GATING = (
     Probe("k=2 of 5 experts", lambda: _top_k_inputs(201, 6, 5, 2), _top_k_run,
-          _judge_top_k_result),
+          _judge_top_k_result, rules=(TOP_K_ORDER, TOP_K_SOFTMAX, NO_MUTATION)),
     Probe("k=1 of 4 experts", lambda: _top_k_inputs(202, 5, 4, 1), _top_k_run,
-          _judge_top_k_result),
+          _judge_top_k_result, rules=(TOP_K_ORDER, TOP_K_SOFTMAX)),
+    Probe("k=E=4, gradients", lambda: _top_k_inputs(207, 3, 4, 4), _top_k_grad_run,
+          _top_k_grad_judge, rules=(TOP_K_ORDER, TOP_K_SOFTMAX, K_EQUALS_E, DIFFERENTIABLE)),
     Probe("k=0 and k=E+1 raise ValueError",
           lambda: {**_top_k_inputs(203, 3, 4, 2), "bad_ks": [0, 5]}, _k_check_run,
-          _k_check_judge),
+          _k_check_judge, rules=(K_RANGE,)),
 )
 HIDDEN_TOP_K_GATING = (
     Probe("k=3 of 8 experts, gradients", lambda: _top_k_inputs(204, 9, 8, 3), _top_k_grad_run,
-          _top_k_grad_judge),
-    Probe("k=E", lambda: _top_k_inputs(205, 4, 3, 3), _top_k_run, _judge_top_k_result),
+          _top_k_grad_judge, rules=(TOP_K_ORDER, TOP_K_SOFTMAX, DIFFERENTIABLE)),
+    Probe("k=E", lambda: _top_k_inputs(205, 4, 3, 3), _top_k_run, _judge_top_k_result,
+          rules=(TOP_K_ORDER, TOP_K_SOFTMAX, K_EQUALS_E, NO_MUTATION)),
     Probe("k=-1 and k=9 raise ValueError",
           lambda: {**_top_k_inputs(206, 3, 6, 2), "bad_ks": [-1, 9]}, _k_check_run,
-          _k_check_judge),
+          _k_check_judge, rules=(K_RANGE,)),
 )
 VISIBLE_NOISY_LOGITS = (
-    Probe("with noise", lambda: _noisy_inputs(211, 5, 4, 3), _noisy_run, _noisy_judge),
+    Probe("with noise", lambda: _noisy_inputs(211, 5, 4, 3), _noisy_run, _noisy_judge,
+          rules=(EQ4, NO_MUTATION)),
     Probe("noise=None", lambda: _noisy_inputs(212, 5, 4, 3), _clean_run,
-          _clean_judge),
+          _clean_judge, rules=(NOISE_NONE,)),
 )
 HIDDEN_NOISY_LOGITS = (
     Probe("with noise, 7 tokens, 6 experts", lambda: _noisy_inputs(213, 7, 3, 6), _noisy_run,
-          _noisy_judge),
+          _noisy_judge, rules=(EQ4, NO_MUTATION)),
     Probe("noise=None, 4 tokens, 5 experts", lambda: _noisy_inputs(214, 4, 6, 5), _clean_run,
-          _clean_judge),
+          _clean_judge, rules=(NOISE_NONE,)),
 )
 VISIBLE_SPARSE_MOE = (
     Probe("7 tokens, top-2 of 4 experts, expert 3 idle (a list)",
           lambda: _sparse_inputs(221, 7, 4, 4, 2, idle=(3,)), _sparse_run(False),
-          _sparse_judge),
+          _sparse_judge, rules=(SPARSE_MIX, CALLS, NO_MUTATION)),
+    Probe("5 tokens, top-1 of 3 experts, expert 0 idle (an nn.ModuleList)",
+          lambda: _sparse_inputs(224, 5, 3, 3, 1, idle=(0,)), _sparse_run(True),
+          _sparse_judge, rules=(SPARSE_MIX, CALLS, LIST_OR_MODULE_LIST)),
 )
 HIDDEN_SPARSE_MOE = (
     Probe("9 tokens, top-3 of 6 experts, experts 0 and 4 idle (an nn.ModuleList)",
           lambda: _sparse_inputs(222, 9, 3, 6, 3, idle=(0, 4)), _sparse_run(True),
-          _sparse_judge),
+          _sparse_judge, rules=(SPARSE_MIX, CALLS, LIST_OR_MODULE_LIST, NO_MUTATION)),
     Probe("6 tokens, top-1 of 3 experts", lambda: _sparse_inputs(223, 6, 5, 3, 1, idle=()),
-          _sparse_run(False), _sparse_judge),
+          _sparse_run(False), _sparse_judge, rules=(SPARSE_MIX, CALLS)),
 )
 VISIBLE_MOE_FLOPS = (
-    Probe("two layer sizes", lambda: {"cases": [[10, 4, 6, 8, 2], [7, 3, 5, 6, 1]]},
-          _flops_run, _flops_judge),
+    Probe("two layer sizes, a large layer and k=E",
+          lambda: {"cases": [[10, 4, 6, 8, 2], [7, 3, 5, 6, 1], [3000, 1000, 3000, 60, 3],
+                             [4, 3, 2, 2, 2]]},
+          _flops_run, _flops_judge, rules=(FLOPS, FLOPS_LARGE)),
 )
 HIDDEN_MOE_FLOPS = (
     Probe("a large layer and k=E",
           lambda: {"cases": [[4096, 512, 2048, 64, 2], [3, 5, 2, 3, 3]]}, _flops_run,
-          _flops_judge),
+          _flops_judge, rules=(FLOPS, FLOPS_LARGE)),
 )

@@ -205,7 +205,18 @@ def _load_run(fn: Any, inputs: Inputs) -> Outputs:
     args = [(n, inputs[n]) for n in ("clean_logits", "noisy_logits", "noise_std", "k")]
     default = call(fn, args)
     weighted = call(fn, args, {"w_load": inputs["w"]})
-    return {"default": default["result"], "weighted": weighted["result"],
+    if inputs["k"] == inputs["clean_logits"].shape[1]:  # P = 1: no gradient to check
+        return {"default": default["result"], "weighted": weighted["result"], "grads": None,
+                "mutated": default["mutated"] + weighted["mutated"]}
+    clean = inputs["clean_logits"].clone().requires_grad_(True)
+    std = inputs["noise_std"].clone().requires_grad_(True)
+    try:
+        loss = fn(clean, inputs["noisy_logits"].clone(), std, inputs["k"], w_load=inputs["w"])
+        grads: Any = [capture(g) if g is not None else "no gradient"
+                      for g in torch.autograd.grad(loss, (clean, std), allow_unused=True)]
+    except Exception as exc:  # not differentiable: reported by the judge (when k < E)
+        grads = f"{type(exc).__name__}: {str(exc)[:120]}"
+    return {"default": default["result"], "weighted": weighted["result"], "grads": grads,
             "mutated": default["mutated"] + weighted["mutated"]}
 
 
@@ -240,6 +251,21 @@ def _load_judge(inputs: Inputs, outputs: Outputs) -> None:
     expect_close(default, expected * 0.01 / w, "load_loss with the default w_load", atol=1e-9,
                  variants=[(expected / w, "load_loss with the default w_load ignores the "
                                           "weight: multiply by w_load (default 0.01)")])
+    if k == clean.shape[1]:
+        return  # every expert always chosen: P = 1, a constant with no gradient to check
+    grads = outputs["grads"]
+    if not isinstance(grads, list) or not all(isinstance(g, Tensor) for g in grads):
+        raise CheckFailure(f"your load_loss is not differentiable in clean_logits and noise_std "
+                           f"({grads if isinstance(grads, str) else 'no gradient reaches one'}):"
+                           " keep P(x, i) a torch expression of them (no .detach(), .item(), "
+                           "numpy or torch.no_grad())")
+    leaves = [clean.clone().requires_grad_(True), std.clone().requires_grad_(True)]
+    ref_losses.load_loss(leaves[0], noisy, leaves[1], k, w_load=w).backward()
+    for name, got, leaf in zip(("clean_logits", "noise_std"), grads, leaves, strict=True):
+        got = expect_tensor(got, f"the gradient of your load_loss in {name}", tuple(leaf.shape))
+        expect_close(got, leaf.grad, f"the gradient of your load_loss in {name}",
+                     otherwise=f"your load_loss is right but its gradient in {name} is not: is "
+                               "part of P(x, i) computed without autograd?")
 
 
 # ----------------------------------------------------------------------------------------
@@ -514,79 +540,126 @@ def _apply_judge(inputs: Inputs, outputs: Outputs) -> None:
     ])
 
 
+# Rules the exercises state, each tested by a visible probe and again by a hidden one.
+CV = "population variance over mean**2 + 1e-10, a 0-dim tensor"
+CV_SINGLE = "0. for a single element"
+CV_ZEROS = "0. (not NaN) for an all-zero vector"
+DIFFERENTIABLE = "differentiable: a loss"
+NO_MUTATION = "never changes an argument in place"
+IMPORTANCE = "w * cv_squared(gates.sum(0))"
+DEFAULT_WEIGHT = "the weight argument is used, default 0.01"
+LOAD = "Phi((clean_i - kth_excluding(noisy, k, i)) / noise_std_i), w * cv_squared(P.sum(0))"
+LOAD_K_E = "k = E: every expert always chosen, P = 1"
+SWITCH = "E * sum_e f_e * P_e, f_e the share of the T*K assignments"
+SWITCH_UNIFORM = "a uniform router scores 1"
+Z_LOSS = "mean over tokens of logsumexp(logits)**2"
+Z_OVERFLOW = "must not overflow for logits in the hundreds"
+CAPACITY = "min(n_tokens, ceil(k * n_tokens * capacity_factor / n_experts)), an int, k=1 default"
+CAPACITY_ERROR = "ValueError for a capacity factor <= 0"
+GSHARD_PRIORITY = "all first choices fill first in token order, then the second choices"
+DROP = "slot >= capacity dropped (weight 0, keep False); kept weights not renormalised"
+DROPPED_EVERYWHERE = "a token dropped everywhere gets all-zero weights"
+
 VISIBLE_CV_SQUARED = (
-    Probe("two vectors", lambda: _cv_inputs(301), _cv_run, _cv_judge),
+    Probe("two vectors", lambda: _cv_inputs(301), _cv_run, _cv_judge,
+          rules=(CV, DIFFERENTIABLE, NO_MUTATION)),
+    Probe("a single element and an all-zero vector",
+          lambda: {"vectors": [torch.rand(4, generator=gen(303)) + 0.2, torch.tensor([0.4]),
+                               torch.zeros(5), torch.full((3,), 2.0)]},
+          _cv_run, _cv_judge, rules=(CV, CV_SINGLE, CV_ZEROS)),
 )
 HIDDEN_CV_SQUARED = (
     Probe("constant, single and all-zero vectors", lambda: _cv_edge_inputs(302), _cv_run,
-          _cv_judge),
+          _cv_judge, rules=(CV, CV_SINGLE, CV_ZEROS, DIFFERENTIABLE, NO_MUTATION)),
 )
 VISIBLE_IMPORTANCE_LOSS = (
     Probe("8 tokens, top-2 of 4 experts", lambda: _importance_inputs(311, 8, 4, 2),
-          _importance_run, _importance_judge),
+          _importance_run, _importance_judge, rules=(IMPORTANCE, DEFAULT_WEIGHT, NO_MUTATION)),
+    Probe("6 tokens, top-1 of 3 experts", lambda: _importance_inputs(313, 6, 3, 1),
+          _importance_run, _importance_judge, rules=(IMPORTANCE, DEFAULT_WEIGHT)),
 )
 HIDDEN_IMPORTANCE_LOSS = (
     Probe("12 tokens, top-1 of 5 experts", lambda: _importance_inputs(312, 12, 5, 1),
-          _importance_run, _importance_judge),
+          _importance_run, _importance_judge,
+          rules=(IMPORTANCE, DEFAULT_WEIGHT, NO_MUTATION)),
 )
 VISIBLE_LOAD_LOSS = (
     Probe("8 tokens, 5 experts, k=2", lambda: _load_inputs(321, 8, 5, 2), _load_run,
-          _load_judge),
+          _load_judge, rules=(LOAD, DEFAULT_WEIGHT, DIFFERENTIABLE, NO_MUTATION)),
+    Probe("7 tokens, 3 experts, k=1", lambda: _load_inputs(324, 7, 3, 1), _load_run,
+          _load_judge, rules=(LOAD, DIFFERENTIABLE)),
+    Probe("k = E = 4", lambda: _load_inputs(325, 5, 4, 4), _load_run, _load_judge,
+          rules=(LOAD_K_E, DEFAULT_WEIGHT)),
 )
 HIDDEN_LOAD_LOSS = (
     Probe("10 tokens, 4 experts, k=1", lambda: _load_inputs(322, 10, 4, 1), _load_run,
-          _load_judge),
+          _load_judge, rules=(LOAD, DEFAULT_WEIGHT, DIFFERENTIABLE, NO_MUTATION)),
     Probe("6 tokens, 6 experts, k=3", lambda: _load_inputs(323, 6, 6, 3), _load_run,
-          _load_judge),
+          _load_judge, rules=(LOAD, DEFAULT_WEIGHT, DIFFERENTIABLE)),
+    Probe("k = E = 3", lambda: _load_inputs(326, 6, 3, 3), _load_run, _load_judge,
+          rules=(LOAD_K_E, DEFAULT_WEIGHT)),
 )
 VISIBLE_SWITCH_AUX_LOSS = (
     Probe("10 tokens, top-2 of 4 experts", lambda: _switch_inputs(331, 10, 4, 2), _switch_run,
-          _switch_judge),
+          _switch_judge, rules=(SWITCH, DIFFERENTIABLE)),
+    Probe("a uniform router scores 1 (6 tokens, 3 experts)", lambda: _uniform_inputs(6, 3),
+          _switch_run, _switch_judge, rules=(SWITCH, SWITCH_UNIFORM)),
 )
 HIDDEN_SWITCH_AUX_LOSS = (
     Probe("12 tokens, top-1 of 5 experts", lambda: _switch_inputs(332, 12, 5, 1), _switch_run,
-          _switch_judge),
+          _switch_judge, rules=(SWITCH, DIFFERENTIABLE)),
     Probe("a uniform router scores 1", lambda: _uniform_inputs(8, 4), _switch_run,
-          _switch_judge),
+          _switch_judge, rules=(SWITCH, SWITCH_UNIFORM)),
 )
 VISIBLE_ROUTER_Z_LOSS = (
-    Probe("6 tokens, 5 experts", lambda: _z_inputs(341, 6, 5, 3.0), _z_run, _z_judge),
+    Probe("6 tokens, 5 experts", lambda: _z_inputs(341, 6, 5, 3.0), _z_run, _z_judge,
+          rules=(Z_LOSS, NO_MUTATION)),
+    Probe("logits in the hundreds", lambda: _z_inputs(343, 3, 4, 10.0, offset=150.0),
+          _z_run, _z_judge, rules=(Z_LOSS, Z_OVERFLOW)),
 )
 HIDDEN_ROUTER_Z_LOSS = (
-    Probe("large logits", lambda: _z_inputs(342, 4, 3, 10.0, offset=100.0), _z_run, _z_judge),
+    Probe("large logits", lambda: _z_inputs(342, 4, 3, 10.0, offset=100.0), _z_run, _z_judge,
+          rules=(Z_LOSS, Z_OVERFLOW, NO_MUTATION)),
 )
 VISIBLE_EXPERT_CAPACITY = (
     Probe("four layer sizes",
           lambda: {"cases": [[8, 4, 1.25, None], [10, 4, 1.5, 2], [4, 2, 4.0, None],
                              [12, 8, 1.0, None]]},
-          _capacity_run, _capacity_judge),
+          _capacity_run, _capacity_judge, rules=(CAPACITY,)),
+    Probe("capacity_factor 0 and -0.5 raise ValueError",
+          lambda: {"bad": [[6, 3, 0.0], [6, 3, -0.5]]}, _capacity_error_run,
+          _capacity_error_judge, rules=(CAPACITY_ERROR,)),
 )
 HIDDEN_EXPERT_CAPACITY = (
     Probe("more layer sizes",
           lambda: {"cases": [[16, 8, 1.0, 1], [9, 4, 0.5, 2], [3, 1, 2.0, 1],
                              [100, 6, 1.25, 2]]},
-          _capacity_run, _capacity_judge),
+          _capacity_run, _capacity_judge, rules=(CAPACITY,)),
     Probe("capacity_factor <= 0 raises ValueError",
           lambda: {"bad": [[8, 4, 0.0], [8, 4, -1.0]]}, _capacity_error_run,
-          _capacity_error_judge),
+          _capacity_error_judge, rules=(CAPACITY_ERROR,)),
 )
 VISIBLE_CAPACITY_POSITIONS = (
     Probe("8 tokens, top-2 of 3 experts", lambda: _positions_inputs(351, 8, 3, 2),
-          _positions_run, _positions_judge),
+          _positions_run, _positions_judge, rules=(GSHARD_PRIORITY, NO_MUTATION)),
+    Probe("6 tokens, top-1 of 2 experts", lambda: _positions_inputs(354, 6, 2, 1),
+          _positions_run, _positions_judge, rules=(GSHARD_PRIORITY,)),
 )
 HIDDEN_CAPACITY_POSITIONS = (
     Probe("10 tokens, top-3 of 4 experts", lambda: _positions_inputs(352, 10, 4, 3),
-          _positions_run, _positions_judge),
+          _positions_run, _positions_judge, rules=(GSHARD_PRIORITY, NO_MUTATION)),
     Probe("7 tokens, top-1 of 3 experts", lambda: _positions_inputs(353, 7, 3, 1),
-          _positions_run, _positions_judge),
+          _positions_run, _positions_judge, rules=(GSHARD_PRIORITY,)),
 )
 VISIBLE_APPLY_CAPACITY = (
     Probe("8 tokens, top-2 of 3 experts, capacity 3", lambda: _apply_inputs(361, 8, 3, 2, 3),
-          _apply_run, _apply_judge),
+          _apply_run, _apply_judge, rules=(DROP, DROPPED_EVERYWHERE, NO_MUTATION)),
+    Probe("7 tokens, top-1 of 3 experts, capacity 2", lambda: _apply_inputs(365, 7, 3, 1, 2),
+          _apply_run, _apply_judge, rules=(DROP, DROPPED_EVERYWHERE)),
 )
 HIDDEN_APPLY_CAPACITY = (
     Probe("10 tokens, top-3 of 4 experts, capacity 4", lambda: _apply_inputs(364, 10, 4, 3, 4),
-          _apply_run, _apply_judge),
+          _apply_run, _apply_judge, rules=(DROP, DROPPED_EVERYWHERE, NO_MUTATION)),
     Probe("9 tokens, top-1 of 3 experts, capacity 2", lambda: _apply_inputs(363, 9, 3, 1, 2),
-          _apply_run, _apply_judge),
+          _apply_run, _apply_judge, rules=(DROP, DROPPED_EVERYWHERE)),
 )

@@ -234,40 +234,56 @@ def _per_token_judge(inputs: Inputs, outputs: Outputs) -> None:
     ])
 
 
+# Rules the exercises state, each tested by a visible probe and again by a hidden one.
+EC_CAPACITY = "min(n_tokens, ceil(n_tokens * capacity_factor / n_experts)), an int"
+EC_ROUTING = "S = softmax over experts; expert e takes its C largest S[:, e], descending"
+ALL_TOKENS = "capacity = T: every expert takes every token"
+NO_MUTATION = "never changes an argument in place"
+EC_MIX = "y[t] = sum of gates[e, c] * experts[e](x[t]) over the (e, c) choosing t, added"
+EC_CALLS = "each expert called once, on its C rows"
+LIST_OR_MODULE_LIST = "experts may be a list or an nn.ModuleList"
+PER_TOKEN = "(T,) integer counts, 0 for a token nobody chose, n_tokens entries"
+
 VISIBLE_EC_CAPACITY = (
-    Probe("four layer sizes",
-          lambda: {"cases": [[10, 4, 2.0], [8, 3, 1.0], [6, 2, 3.0], [12, 5, 1.25]]},
-          _ec_capacity_run, _ec_capacity_judge),
+    Probe("five layer sizes",
+          lambda: {"cases": [[10, 4, 2.0], [8, 3, 1.0], [6, 2, 3.0], [12, 5, 1.25],
+                             [9, 9, 0.5]]},
+          _ec_capacity_run, _ec_capacity_judge, rules=(EC_CAPACITY,)),
 )
 HIDDEN_EC_CAPACITY = (
     Probe("more layer sizes",
           lambda: {"cases": [[16, 8, 1.0], [7, 2, 1.0], [5, 5, 0.5], [20, 3, 10.0]]},
-          _ec_capacity_run, _ec_capacity_judge),
+          _ec_capacity_run, _ec_capacity_judge, rules=(EC_CAPACITY,)),
 )
 VISIBLE_EC_ROUTING = (
     Probe("8 tokens, 4 experts, capacity 3", lambda: _routing_inputs(401, 8, 4, 3),
-          _routing_run, _routing_judge),
+          _routing_run, _routing_judge, rules=(EC_ROUTING, NO_MUTATION)),
+    Probe("capacity = all 4 tokens", lambda: _routing_inputs(405, 4, 3, 4), _routing_run,
+          _routing_judge, rules=(EC_ROUTING, ALL_TOKENS)),
 )
 HIDDEN_EC_ROUTING = (
     Probe("10 tokens, 3 experts, capacity 5", lambda: _routing_inputs(402, 10, 3, 5),
-          _routing_run, _routing_judge),
+          _routing_run, _routing_judge, rules=(EC_ROUTING, NO_MUTATION)),
     Probe("capacity = all 5 tokens", lambda: _routing_inputs(404, 5, 3, 5), _routing_run,
-          _routing_judge),
+          _routing_judge, rules=(EC_ROUTING, ALL_TOKENS)),
 )
 VISIBLE_EC_MOE = (
     Probe("8 tokens, 3 experts, capacity 3 (a list)", lambda: _ec_moe_inputs(417, 8, 4, 3, 3),
-          _ec_moe_run(False), _ec_moe_judge),
+          _ec_moe_run(False), _ec_moe_judge, rules=(EC_MIX, EC_CALLS, NO_MUTATION)),
+    Probe("7 tokens, 3 experts, capacity 3 (an nn.ModuleList)",
+          lambda: _ec_moe_inputs(418, 7, 3, 3, 3), _ec_moe_run(True), _ec_moe_judge,
+          rules=(EC_MIX, EC_CALLS, LIST_OR_MODULE_LIST)),
 )
 HIDDEN_EC_MOE = (
     Probe("10 tokens, 4 experts, capacity 4 (an nn.ModuleList)",
-          lambda: _ec_moe_inputs(568, 10, 3, 4, 4), _ec_moe_run(True), _ec_moe_judge),
+          lambda: _ec_moe_inputs(568, 10, 3, 4, 4), _ec_moe_run(True), _ec_moe_judge,
+          rules=(EC_MIX, EC_CALLS, LIST_OR_MODULE_LIST, NO_MUTATION)),
 )
 VISIBLE_EXPERTS_PER_TOKEN = (
     Probe("8 tokens, 4 experts, capacity 3", lambda: _per_token_inputs(610, 8, 4, 3),
-          _per_token_run, _per_token_judge),
+          _per_token_run, _per_token_judge, rules=(PER_TOKEN, NO_MUTATION)),
 )
 HIDDEN_EXPERTS_PER_TOKEN = (
     Probe("12 tokens, 5 experts, capacity 4", lambda: _per_token_inputs(546, 12, 5, 4),
-          _per_token_run, _per_token_judge),
+          _per_token_run, _per_token_judge, rules=(PER_TOKEN, NO_MUTATION)),
 )
-

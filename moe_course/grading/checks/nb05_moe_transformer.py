@@ -89,8 +89,11 @@ def _layer_inputs(seed: int, router: str, k: int, capacity_factor: float | None,
 
 def _layer_run(cls: Any, inputs: Inputs) -> Outputs:
     d, h, e = inputs["d_model"], inputs["d_hidden"], inputs["n_experts"]
-    module = construct(cls, "MoEFeedForward", d, h, e, k=inputs["k"], router=inputs["router"],
-                       capacity_factor=inputs["capacity_factor"])
+    if inputs.get("defaults"):  # the signature's defaults: k=2, router="top_k", no capacity
+        module = construct(cls, "MoEFeedForward", d, h, e)
+    else:
+        module = construct(cls, "MoEFeedForward", d, h, e, k=inputs["k"],
+                           router=inputs["router"], capacity_factor=inputs["capacity_factor"])
     where = "your MoEFeedForward"
     load_linear(module, "gate", inputs["gate_weight"], None, where,
                 f"nn.Linear(d_model={d}, n_experts={e}, bias=False)")
@@ -116,7 +119,43 @@ def _layer_run(cls: Any, inputs: Inputs) -> Outputs:
             fields[name] = capture(getattr(out, name))
         except AttributeError:
             continue
-    return {"type": describe(capture(out)), "fields": fields, "calls": records}
+    k_attr = getattr(module, "k", None)
+    return {"type": describe(capture(out)), "fields": fields, "calls": records,
+            "k": k_attr if isinstance(k_attr, int) else describe(capture(k_attr))}
+
+
+def _router_error_run(cls: Any, inputs: Inputs) -> Outputs:
+    """Build (and, if that succeeds, run) the layer with an unknown router name."""
+    d, h, e = inputs["d_model"], inputs["d_hidden"], inputs["n_experts"]
+    reports = []
+    for router in inputs["bad_routers"]:
+        try:
+            module = construct(cls, "MoEFeedForward", d, h, e, k=1, router=router)
+            result = module(inputs["x"].clone())
+        except CheckFailure:
+            raise
+        except Exception as exc:
+            reports.append({"raised": type(exc).__name__, "value_error": isinstance(
+                exc, ValueError), "message": str(exc)[:200]})
+        else:
+            reports.append({"raised": None, "value_error": False,
+                            "message": describe(capture(result))})
+    return {"reports": reports}
+
+
+def _router_error_judge(inputs: Inputs, outputs: Outputs) -> None:
+    for router, report in zip(inputs["bad_routers"], outputs["reports"], strict=True):
+        what = f"MoEFeedForward(..., router={router!r})"
+        if report["value_error"]:
+            continue
+        if report["raised"] is None:
+            raise CheckFailure(f"{what} built a layer and ran it (it returned "
+                               f"{report['message']}) instead of raising ValueError: raise a "
+                               "ValueError in __init__ naming the router and the two allowed "
+                               "values, \"top_k\" and \"expert_choice\"")
+        raise CheckFailure(f"{what} raised {report['raised']} ({report['message'][:80]}); "
+                           "raise a ValueError yourself, naming the router and the allowed "
+                           "values \"top_k\" and \"expert_choice\"")
 
 
 def _reference_layer(inputs: Inputs) -> ref_layers.MoEFeedForward:
@@ -135,6 +174,11 @@ def _layer_judge(inputs: Inputs, outputs: Outputs) -> None:
     x, k, e = inputs["x"], inputs["k"], inputs["n_experts"]
     router, cf = inputs["router"], inputs["capacity_factor"]
     fields = outputs["fields"]
+    if outputs.get("k") != k:
+        raise CheckFailure(f"your MoEFeedForward(..., k={k}) has self.k = {outputs.get('k')}: "
+                           "keep k as the attribute self.k (the notebook's count_parameters "
+                           "reads it)" + (" (and k's default is 2)" if inputs.get("defaults")
+                                          else ""))
     missing = [name for name in FIELDS if name not in fields]
     if missing:
         raise CheckFailure(
@@ -266,7 +310,7 @@ def _lm_run(fn: Any, inputs: Inputs) -> Outputs:
 def _lm_judge(inputs: Inputs, outputs: Outputs) -> None:
     no_mutation(outputs, "moe_lm_loss")
     lg, tg = inputs["logits"], inputs["targets"]
-    aux, z = torch.stack(inputs["aux"]), torch.stack(inputs["z"])
+    aux, z = (torch.stack(v) if v else torch.zeros(0) for v in (inputs["aux"], inputs["z"]))
     ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1))
     ce_sum = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1), reduction="sum")
     for key, aw, zw, how in (
@@ -299,24 +343,71 @@ def _lm_judge(inputs: Inputs, outputs: Outputs) -> None:
         expect_close(value, expected, how, variants=variants)
 
 
+# Rules the exercises state, each tested by a visible probe and again by a hidden one.
+TOP_K = "router='top_k': top_k_gating's weights, sparse_moe's mixture, switch aux_loss"
+EXPERT_CHOICE = "router='expert_choice': C = expert_choice_capacity(T, E, factor or k)"
+CAPACITY_FACTOR = "top_k with capacity_factor: drop beyond expert_capacity (apply_capacity)"
+Z = "z_loss: router_z_loss(logits)"
+FIELDS_RULE = "forward (B, S, D) returns a named tuple with y, aux_loss, z_loss"
+CALLS = "experts called as modules, once each, on their routed rows"
+SELF_K = "keeps k as self.k"
+DEFAULTS = "defaults k=2, router='top_k', capacity_factor=None"
+ROUTER_ERROR = "ValueError for a router other than 'top_k' or 'expert_choice'"
+LM = "mean cross-entropy + aux_weight * sum(aux) + z_weight * sum(z), defaults 0.01, 0.001"
+DENSE = "an empty aux_losses list (a dense model): the cross-entropy alone"
+NO_MUTATION = "never changes an argument in place"
+_LAYER = (FIELDS_RULE, CALLS, SELF_K, Z)
+
 VISIBLE_MOE_FEED_FORWARD = (
     Probe("top_k, k=2, no capacity limit", lambda: _layer_inputs(501, "top_k", 2, None),
-          _layer_run, _layer_judge),
+          _layer_run, _layer_judge, rules=(TOP_K, *_LAYER)),
     Probe("expert_choice, capacity_factor=2.0",
-          lambda: _layer_inputs(502, "expert_choice", 2, 2.0), _layer_run, _layer_judge),
+          lambda: _layer_inputs(502, "expert_choice", 2, 2.0), _layer_run, _layer_judge,
+          rules=(EXPERT_CHOICE, *_LAYER)),
+    Probe("top_k, k=2, capacity_factor=1.25",
+          lambda: _layer_inputs(507, "top_k", 2, 1.25, shape=(2, 4, 6), d_hidden=8),
+          _layer_run, _layer_judge, rules=(TOP_K, CAPACITY_FACTOR, *_LAYER)),
+    Probe("top_k, k=1, 3 experts, capacity_factor=1.0",
+          lambda: _layer_inputs(508, "top_k", 1, 1.0, shape=(2, 3, 6), d_hidden=8,
+                                n_experts=3), _layer_run, _layer_judge,
+          rules=(TOP_K, CAPACITY_FACTOR, *_LAYER)),
+    Probe("MoEFeedForward(d_model, d_hidden, n_experts) with the defaults",
+          lambda: {**_layer_inputs(509, "top_k", 2, None, shape=(1, 6, 6), d_hidden=8),
+                   "defaults": True}, _layer_run, _layer_judge,
+          rules=(TOP_K, DEFAULTS, *_LAYER)),
+    Probe("router='switch' raises ValueError",
+          lambda: {**_layer_inputs(510, "top_k", 1, None, shape=(1, 3, 4), d_hidden=4,
+                                   n_experts=2), "bad_routers": ["switch", "topk"]},
+          _router_error_run, _router_error_judge, rules=(ROUTER_ERROR,)),
 )
 HIDDEN_MOE_FEED_FORWARD = (
     Probe("top_k, k=2, capacity_factor=1.0", lambda: _layer_inputs(503, "top_k", 2, 1.0),
-          _layer_run, _layer_judge),
+          _layer_run, _layer_judge, rules=(TOP_K, CAPACITY_FACTOR, *_LAYER)),
     Probe("top_k, k=1, 5 experts",
           lambda: _layer_inputs(504, "top_k", 1, None, shape=(3, 4, 6), d_hidden=10,
-                                n_experts=5), _layer_run, _layer_judge),
+                                n_experts=5), _layer_run, _layer_judge,
+          rules=(TOP_K, *_LAYER)),
     Probe("expert_choice, capacity_factor=1.0",
-          lambda: _layer_inputs(506, "expert_choice", 1, 1.0), _layer_run, _layer_judge),
+          lambda: _layer_inputs(506, "expert_choice", 1, 1.0), _layer_run, _layer_judge,
+          rules=(EXPERT_CHOICE, *_LAYER)),
+    Probe("the defaults, 5 experts",
+          lambda: {**_layer_inputs(505, "top_k", 2, None, shape=(2, 3, 5), d_hidden=6,
+                                   n_experts=5), "defaults": True}, _layer_run, _layer_judge,
+          rules=(TOP_K, DEFAULTS, *_LAYER)),
+    Probe("router='sparse' raises ValueError",
+          lambda: {**_layer_inputs(511, "top_k", 1, None, shape=(1, 2, 4), d_hidden=4,
+                                   n_experts=3), "bad_routers": ["sparse", "Top_K"]},
+          _router_error_run, _router_error_judge, rules=(ROUTER_ERROR,)),
 )
 VISIBLE_MOE_LM_LOSS = (
-    Probe("3 layers", lambda: _lm_inputs(511, 2, 4, 6, 3), _lm_run, _lm_judge),
+    Probe("3 layers", lambda: _lm_inputs(511, 2, 4, 6, 3), _lm_run, _lm_judge,
+          rules=(LM, NO_MUTATION)),
+    Probe("a dense model (no MoE layers)", lambda: _lm_inputs(513, 2, 3, 5, 0), _lm_run,
+          _lm_judge, rules=(LM, DENSE)),
 )
 HIDDEN_MOE_LM_LOSS = (
-    Probe("1 layer", lambda: _lm_inputs(512, 3, 5, 7, 1), _lm_run, _lm_judge),
+    Probe("1 layer", lambda: _lm_inputs(512, 3, 5, 7, 1), _lm_run, _lm_judge,
+          rules=(LM, NO_MUTATION)),
+    Probe("no MoE layers", lambda: _lm_inputs(514, 3, 2, 4, 0), _lm_run, _lm_judge,
+          rules=(LM, DENSE)),
 )

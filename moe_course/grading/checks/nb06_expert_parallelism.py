@@ -123,9 +123,47 @@ def _counts_judge(inputs: Inputs, outputs: Outputs) -> None:
 
 
 def _counts_probe(name: str, seed: int, t: int, k: int, e: int, w: int,
-                  dead: tuple[int, ...] = ()) -> Probe:
+                  dead: tuple[int, ...] = (), rules: tuple[str, ...] = ()) -> Probe:
     return Probe(name, lambda: _routing_inputs(seed, t, k, e, w, dead), _routing_run,
-                 _counts_judge)
+                 _counts_judge, rules=(COUNTS, NO_MUTATION, *rules))
+
+
+def _divisible_run(fn: Any, inputs: Inputs) -> Outputs:
+    reports = []
+    for e, w in inputs["bad"]:
+        try:
+            result = fn(inputs["indices"].clone(), e, w)
+        except Exception as exc:
+            reports.append({"raised": type(exc).__name__,
+                            "value_error": isinstance(exc, ValueError),
+                            "message": str(exc)[:200]})
+        else:
+            reports.append({"raised": None, "value_error": False,
+                            "message": describe(capture(result))})
+    return {"reports": reports}
+
+
+def _divisible_judge(inputs: Inputs, outputs: Outputs) -> None:
+    t, k = inputs["indices"].shape
+    for (e, w), report in zip(inputs["bad"], outputs["reports"], strict=True):
+        what = f"send_counts(indices of shape ({t}, {k}), n_experts={e}, world_size={w})"
+        if report["value_error"]:
+            continue
+        if report["raised"] is None:
+            raise CheckFailure(f"{what} returned {report['message']} instead of raising "
+                               f"ValueError: {e} experts cannot be split into {w} equal "
+                               "blocks; check n_experts % world_size == 0 first")
+        raise CheckFailure(f"{what} raised {report['raised']} ({report['message'][:80]}); "
+                           "raise a ValueError yourself, saying n_experts must be a multiple "
+                           "of world_size")
+
+
+def _divisible_probe(name: str, seed: int, bad: list[tuple[int, int]]) -> Probe:
+    def inputs() -> Inputs:
+        g = gen(seed)
+        return {"indices": torch.randint(0, 4, (5, 2), generator=g), "bad": bad}
+
+    return Probe(name, inputs, _divisible_run, _divisible_judge, rules=(DIVISIBLE,))
 
 
 # ----------------------------------------------------------------------------------------
@@ -207,9 +245,9 @@ def _permute_judge(inputs: Inputs, outputs: Outputs) -> None:
 
 
 def _permute_probe(name: str, seed: int, t: int, k: int, e: int, w: int,
-                   dead: tuple[int, ...] = ()) -> Probe:
+                   dead: tuple[int, ...] = (), rules: tuple[str, ...] = ()) -> Probe:
     return Probe(name, lambda: _routing_inputs(seed, t, k, e, w, dead), _routing_run,
-                 _permute_judge)
+                 _permute_judge, rules=(PERMUTE, NO_MUTATION, *rules))
 
 
 # ----------------------------------------------------------------------------------------
@@ -616,10 +654,25 @@ def _judge_grads(ranks: list[Any], ref: _Reference, per_rank: int) -> None:
 
 
 def _layer_probe(name: str, seed: int, t: int, d: int, e: int, k: int, w: int,
-                 dead: tuple[int, ...] = (), favourite: int | None = None) -> Probe:
+                 dead: tuple[int, ...] = (), favourite: int | None = None,
+                 rules: tuple[str, ...] = ()) -> Probe:
     return Probe(name, lambda: _layer_inputs(seed, t, d, e, k, w, dead, favourite),
-                 _layer_run, _layer_judge)
+                 _layer_run, _layer_judge,
+                 rules=(LAYER, DIFFERENTIABLE, NO_MUTATION, *rules))
 
+
+# ----------------------------------------------------------------------------------------
+# Rules the exercises state, each tested by a visible probe and again by a hidden one.
+
+COUNTS = "assignments per destination rank, experts in contiguous blocks of E / W"
+IDLE_RANK = "a rank that gets nothing counts 0"
+NO_TOKENS = "a rank with no tokens (T = 0)"
+DIVISIBLE = "ValueError unless n_experts is a multiple of world_size"
+NO_MUTATION = "never changes an argument in place"
+PERMUTE = "order sorts the assignments by expert, inverse undoes it, counts = send_counts"
+LAYER = "output equals the single-process sparse_moe on the same weights"
+DIFFERENTIABLE = "gradients flow back through the exchange to x, w_gate and the experts"
+NO_ROWS = "a rank that receives no rows still runs its collectives"
 
 # ----------------------------------------------------------------------------------------
 # The registry's tuples
@@ -627,31 +680,44 @@ def _layer_probe(name: str, seed: int, t: int, d: int, e: int, k: int, w: int,
 VISIBLE_SEND_COUNTS = (
     _counts_probe("9 tokens, top-2 of 8 experts on 4 ranks", 601, 9, 2, 8, 4),
     _counts_probe("7 tokens, top-2 of 4 experts on 2 ranks", 602, 7, 2, 4, 2),
+    _counts_probe("rank 2's experts idle (a zero count)", 607, 6, 2, 6, 3, dead=(4, 5),
+                  rules=(IDLE_RANK,)),
+    _counts_probe("one rank holds all 3 experts", 608, 4, 2, 3, 1),
+    _counts_probe("no tokens, 4 experts on 2 ranks", 609, 0, 2, 4, 2, rules=(NO_TOKENS,)),
+    _divisible_probe("6 experts on 4 ranks raises ValueError", 616, [(6, 4), (3, 2)]),
 )
 HIDDEN_SEND_COUNTS = (
     _counts_probe("10 tokens, top-3 of 6 experts on 3 ranks", 603, 10, 3, 6, 3),
-    _counts_probe("rank 3's experts idle (a zero count)", 604, 8, 2, 8, 4, dead=(6, 7)),
+    _counts_probe("rank 3's experts idle (a zero count)", 604, 8, 2, 8, 4, dead=(6, 7),
+                  rules=(IDLE_RANK,)),
     _counts_probe("one rank holds every expert", 605, 5, 2, 4, 1),
-    _counts_probe("a rank with no tokens", 606, 0, 2, 8, 4),
+    _counts_probe("a rank with no tokens", 606, 0, 2, 8, 4, rules=(NO_TOKENS,)),
+    _divisible_probe("5 experts on 2 ranks raises ValueError", 617, [(5, 2), (8, 3)]),
 )
 VISIBLE_PERMUTE = (
     _permute_probe("6 tokens, top-2 of 4 experts on 2 ranks", 611, 6, 2, 4, 2),
-    _permute_probe("8 tokens, top-3 of 8 experts on 4 ranks", 612, 8, 3, 8, 4),
+    _permute_probe("8 tokens, top-3 of 8 experts on 4 ranks, expert 2 idle", 612, 8, 3, 8, 4,
+                   dead=(2,)),
+    _permute_probe("6 tokens, top-1 of 6 experts on 3 ranks", 618, 6, 1, 6, 3),
+    _permute_probe("no tokens, top-1 of 2 experts on 2 ranks", 619, 0, 1, 2, 2, rules=(NO_TOKENS,)),
 )
 HIDDEN_PERMUTE = (
     _permute_probe("9 tokens, top-2 of 6 experts on 3 ranks, expert 5 idle", 613, 9, 2, 6, 3,
                    dead=(5,)),
     _permute_probe("5 tokens, top-1 of 4 experts on 4 ranks", 614, 5, 1, 4, 4),
-    _permute_probe("a rank with no tokens", 615, 0, 2, 4, 2),
+    _permute_probe("a rank with no tokens", 615, 0, 2, 4, 2, rules=(NO_TOKENS,)),
 )
 VISIBLE_EXPERT_PARALLEL = (
     _layer_probe("one process, no process group", 621, 7, 5, 4, 2, 1),
     _layer_probe("2 ranks, top-2 of 4 experts", 622, 9, 5, 4, 2, 2),
+    _layer_probe("2 ranks, 1 token: rank 1 holds no tokens and receives no rows", 626,
+                 1, 4, 4, 2, 2, dead=(2, 3), rules=(NO_ROWS, NO_TOKENS)),
 )
 HIDDEN_EXPERT_PARALLEL = (
     _layer_probe("4 ranks, uneven shards, rank 3 receives no rows", 623, 10, 5, 8, 2, 4,
-                 dead=(6, 7)),
-    _layer_probe("4 ranks, rank 3 holds no tokens, top-3", 624, 3, 4, 4, 3, 4),
+                 dead=(6, 7), rules=(NO_ROWS,)),
+    _layer_probe("4 ranks, rank 3 holds no tokens, top-3", 624, 3, 4, 4, 3, 4,
+                 rules=(NO_TOKENS,)),
     _layer_probe("2 ranks, 3 experts each, every token's first choice on rank 1", 625, 8,
                  5, 6, 2, 2, favourite=4),
 )

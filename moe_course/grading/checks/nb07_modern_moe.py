@@ -219,14 +219,14 @@ def _route(scores: Tensor, bias: Tensor) -> Tensor:
     return torch.bincount(idx.reshape(-1), minlength=scores.shape[1])  # (E,)
 
 
-def _trajectory_inputs(seed: int, gamma: float) -> Inputs:
+def _trajectory_inputs(seed: int, gamma: float, steps: int = _TRAJ_STEPS) -> Inputs:
     # Scores on a grid of step gamma plus a distinct offset per expert, so that with biases
     # that are multiples of gamma no two biased scores ever tie (gaps >= gamma / (E + 1)).
     offset = (torch.arange(_TRAJ_E) + 0.5) * (gamma / (_TRAJ_E + 1))  # (E,)
     skew = torch.tensor([6, 4, 2, 0, 0, 0])[:_TRAJ_E]  # (E,) the first experts favoured
 
     def make(g: torch.Generator) -> Inputs:
-        grid = torch.randint(0, 10, (_TRAJ_STEPS, _TRAJ_T, _TRAJ_E), generator=g) + skew
+        grid = torch.randint(0, 10, (steps, _TRAJ_T, _TRAJ_E), generator=g) + skew
         return {"scores": gamma * grid + offset, "gamma": gamma}  # (steps, T, E)
 
     def gaps(i: Inputs) -> list[float]:
@@ -270,8 +270,8 @@ def _trajectory_judge(inputs: Inputs, outputs: Outputs) -> None:
             raise CheckFailure(f"your bias after step {step} (routing a skewed router, counts "
                                f"{counts.tolist()}): {failure.message}") from None
         bias = new
-    if len(outputs["biases"]) != _TRAJ_STEPS:
-        raise CheckFailure(f"could not run {_TRAJ_STEPS} routing steps with your bias update")
+    if len(outputs["biases"]) != len(scores):
+        raise CheckFailure(f"could not run {len(scores)} routing steps with your bias update")
 
 
 # ----------------------------------------------------------------------------------------
@@ -539,48 +539,88 @@ def _sort_judge(inputs: Inputs, outputs: Outputs) -> None:
 
 # ----------------------------------------------------------------------------------------
 
+# Rules the exercises state, each tested by a visible probe and again by a hidden one.
+SHARED = "y = sum of shared experts (once, on all x) + top-k routed experts weighted by s"
+GATES = "weights: softmax over all routed experts at the top k, not renormalised, best first"
+CALLS = "each routed expert only on its own rows"
+NO_SHARED = "shared_experts may be empty"
+LIST_OR_MODULE_LIST = "experts may be a list or an nn.ModuleList"
+NO_MUTATION = "never changes an argument in place"
+BIAS = "bias + gamma * sign(mean(counts) - counts); at the mean the bias stays"
+FLOAT_LOADS = "counts may be integers or float loads"
+SOFT = "dispatch softmax over tokens, combine softmax over slots, y = combine @ outputs"
+SLOTS = "expert e called once on slots[e*C:(e+1)*C]"
+SOFT_GRAD = "differentiable: gradients reach phi"
+SORT = "order: stable sort of indices.reshape(-1) by expert; counts per expert"
+IDLE = "0 for an expert nobody chose, the last one too"
+
 VISIBLE_SHARED_EXPERT_MOE = (
     Probe("8 tokens, 1 shared + top-2 of 6 routed, routed expert 4 idle (lists)",
           lambda: _shared_inputs(701, 8, 4, 1, 6, 2, idle=(4,)), _shared_run(False),
-          _shared_judge),
+          _shared_judge, rules=(SHARED, GATES, CALLS, NO_MUTATION)),
+    Probe("7 tokens, 2 shared + top-3 of 5 routed (nn.ModuleList)",
+          lambda: _shared_inputs(704, 7, 4, 2, 5, 3), _shared_run(True), _shared_judge,
+          rules=(SHARED, GATES, CALLS, LIST_OR_MODULE_LIST)),
+    Probe("no shared experts, top-1 of 3 routed",
+          lambda: _shared_inputs(705, 5, 3, 0, 3, 1), _shared_run(False), _shared_judge,
+          rules=(SHARED, GATES, CALLS, NO_SHARED)),
 )
 HIDDEN_SHARED_EXPERT_MOE = (
     Probe("10 tokens, 2 shared + top-3 of 8 routed (nn.ModuleList)",
           lambda: _shared_inputs(702, 10, 5, 2, 8, 3, idle=(0, 6)), _shared_run(True),
-          _shared_judge),
+          _shared_judge, rules=(SHARED, GATES, CALLS, LIST_OR_MODULE_LIST, NO_MUTATION)),
     Probe("no shared experts, top-1 of 4 routed",
-          lambda: _shared_inputs(703, 6, 3, 0, 4, 1), _shared_run(False), _shared_judge),
+          lambda: _shared_inputs(703, 6, 3, 0, 4, 1), _shared_run(False), _shared_judge,
+          rules=(SHARED, GATES, CALLS, NO_SHARED)),
 )
 VISIBLE_AUX_FREE_BIAS_UPDATE = (
     Probe("6 experts, integer counts, two at the mean",
-          lambda: _bias_inputs(711, [12, 3, 7, 7, 0, 13], 0.01), _bias_run, _bias_judge),
+          lambda: _bias_inputs(711, [12, 3, 7, 7, 0, 13], 0.01), _bias_run, _bias_judge,
+          rules=(BIAS, NO_MUTATION)),
+    Probe("5 experts, loads as float shares, one at the mean",
+          lambda: _bias_inputs(714, [6, 2, 4, 1, 7], 0.02, floats=True), _bias_run,
+          _bias_judge, rules=(BIAS, FLOAT_LOADS)),
+    Probe("10 steps routing a skewed router",
+          lambda: _trajectory_inputs(715, 0.1, steps=10), _trajectory_run, _trajectory_judge,
+          rules=(BIAS,)),
 )
 HIDDEN_AUX_FREE_BIAS_UPDATE = (
     Probe("8 experts, loads as float shares",
           lambda: _bias_inputs(712, [5, 1, 4, 4, 9, 2, 7, 0], 0.05, floats=True), _bias_run,
-          _bias_judge),
+          _bias_judge, rules=(BIAS, FLOAT_LOADS, NO_MUTATION)),
     Probe(f"{_TRAJ_STEPS} steps routing a skewed router",
-          lambda: _trajectory_inputs(713, 0.05), _trajectory_run, _trajectory_judge),
+          lambda: _trajectory_inputs(713, 0.05), _trajectory_run, _trajectory_judge,
+          rules=(BIAS,)),
 )
 VISIBLE_SOFT_MOE = (
     Probe("8 tokens, 3 experts x 2 slots (a list)", lambda: _soft_inputs(721, 8, 4, 3, 2),
-          _soft_run(False), _soft_judge),
+          _soft_run(False), _soft_judge, rules=(SOFT, SLOTS, NO_MUTATION)),
+    Probe("6 tokens, 3 experts x 1 slot (an nn.ModuleList)",
+          lambda: _soft_inputs(725, 6, 4, 3, 1), _soft_run(True), _soft_judge,
+          rules=(SOFT, SLOTS, LIST_OR_MODULE_LIST)),
+    Probe("gradient reaches phi (5 tokens)", lambda: _soft_inputs(726, 5, 3, 2, 2), _soft_grad_run,
+          _soft_grad_judge, rules=(SOFT, SOFT_GRAD)),
 )
 HIDDEN_SOFT_MOE = (
     Probe("5 tokens, 2 experts x 3 slots (an nn.ModuleList)",
-          lambda: _soft_inputs(722, 5, 3, 2, 3), _soft_run(True), _soft_judge),
+          lambda: _soft_inputs(722, 5, 3, 2, 3), _soft_run(True), _soft_judge,
+          rules=(SOFT, SLOTS, LIST_OR_MODULE_LIST, NO_MUTATION)),
     Probe("7 tokens, 4 experts x 1 slot", lambda: _soft_inputs(723, 7, 5, 4, 1),
-          _soft_run(False), _soft_judge),
+          _soft_run(False), _soft_judge, rules=(SOFT, SLOTS)),
     Probe("gradient reaches phi", lambda: _soft_inputs(724, 6, 4, 2, 2), _soft_grad_run,
-          _soft_grad_judge),
+          _soft_grad_judge, rules=(SOFT, SOFT_GRAD)),
 )
 VISIBLE_SORT_BY_EXPERT = (
     Probe("8 tokens, top-2 of 5 experts, experts 1 and 4 idle",
-          lambda: _sort_inputs(731, 8, 2, 5, idle=(1, 4)), _sort_run, _sort_judge),
+          lambda: _sort_inputs(731, 8, 2, 5, idle=(1, 4)), _sort_run, _sort_judge,
+          rules=(SORT, IDLE, NO_MUTATION)),
+    Probe("4 tokens, one expert", lambda: _sort_inputs(734, 4, 1, 1, idle=()), _sort_run,
+          _sort_judge, rules=(SORT,)),
 )
 HIDDEN_SORT_BY_EXPERT = (
     Probe("30 tokens, top-3 of 7 experts, expert 6 (the last) idle",
-          lambda: _sort_inputs(732, 30, 3, 7, idle=(6,)), _sort_run, _sort_judge),
+          lambda: _sort_inputs(732, 30, 3, 7, idle=(6,)), _sort_run, _sort_judge,
+          rules=(SORT, IDLE, NO_MUTATION)),
     Probe("5 tokens, one expert", lambda: _sort_inputs(733, 5, 1, 1, idle=()), _sort_run,
-          _sort_judge),
+          _sort_judge, rules=(SORT,)),
 )
