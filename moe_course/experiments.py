@@ -395,3 +395,69 @@ def train_lm_balancing(balancing: str, seed: int = 0, steps: int = 150,
     max_over_mean = (share.max(-1).values * share.shape[-1]).mean(-1)  # (steps,)
     return LMBalancingRun(history, val_loss, max_over_mean, sum(rerouted) / len(rerouted),
                           torch.stack([layer.bias.clone() for layer in layers]))
+
+
+# ----------------------------------------------------------------------------------------
+# Notebook 05: capacity during language-model training
+
+
+class LMRun(NamedTuple):
+    """What `train_char_lm` measured."""
+
+    history: History  # training loss and each MoE layer's load at every step
+    val_loss: float  # cross-entropy on a fixed validation batch, the model as trained
+    dropped: float  # share of routed assignments dropped by the capacity during training
+    val_dropped: float  # the same share on the validation batch
+
+
+def _dropped(moe_outputs: Sequence[Any]) -> tuple[int, int]:
+    kept = total = 0
+    for o in moe_outputs:
+        keep = getattr(getattr(o, "routing", None), "keep", None)
+        if isinstance(keep, Tensor):
+            kept += int(keep.sum())
+            total += keep.numel()
+    return total - kept, total
+
+
+def train_char_lm(model: nn.Module, corpus: CharCorpus, steps: int = 80, seed: int = 0,
+                  loss: Callable[..., Tensor] | None = None, aux_weight: float = 0.01,
+                  z_weight: float = 0.001, batch_size: int = 16, seq_len: int = 32,
+                  lr: float = 1e-2) -> LMRun:
+    """Train a `CharLM` (made by the caller) on `corpus` and count what its capacity drops.
+
+    `loss(logits, targets, moe_outputs, aux_weight, z_weight)` is the training loss, by
+    default `losses.moe_lm_loss` (pass the learner's); each MoE output is read for
+    `aux_loss`, `z_loss` and, for the drop count, `routing.keep` (`(T, K)` bool, as in
+    `layers.TokenChoice`). Batch `t` is `corpus.get_batch("train", batch_size, seq_len,
+    seed=t)`, the same for every model; the validation batch is fixed (64 windows).
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module (a CharLM); got {type(model).__name__}")
+    if not isinstance(corpus, CharCorpus):
+        raise ValueError(f"corpus must be a moe_course.data.CharCorpus; got "
+                         f"{type(corpus).__name__}")
+    loss = loss if loss is not None else _losses.moe_lm_loss
+    counts = [0, 0]  # dropped, routed during training
+
+    def loss_fn(model: nn.Module, batch: Any) -> Tensor:
+        out = model(batch.x)
+        dropped, total = _dropped(out.moe_outputs)
+        counts[0] += dropped
+        counts[1] += total
+        return loss(out.logits, batch.y, out.moe_outputs, aux_weight, z_weight)
+
+    history = train(model, loss_fn, lambda step: corpus.get_batch("train", batch_size, seq_len,
+                                                                  seed=step),
+                    steps=steps, lr=lr, seed=seed, progress=False)
+    val = corpus.get_batch("val", 64, seq_len, seed=123)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(val.x)
+        val_loss = float(F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]),
+                                         val.y.reshape(-1)))
+        val_dropped, val_total = _dropped(out.moe_outputs)
+    model.train(was_training)
+    return LMRun(history, val_loss, counts[0] / max(counts[1], 1),
+                 val_dropped / max(val_total, 1))

@@ -168,16 +168,10 @@ print(f"output {tuple(out.x.shape)}; attention {n_attn:,} parameters, "
 #
 # <details><summary>Hint 1: the top-k branch</summary>
 #
-# ```python
-# weights, indices = top_k_gating(logits, self.k)                       # (T, K), (T, K)
-# keep = torch.ones_like(indices, dtype=torch.bool)                     # (T, K)
-# if self.capacity_factor is not None:
-#     capacity = expert_capacity(n_tokens, n_experts, self.capacity_factor, self.k)
-#     weights, keep = apply_capacity(weights, indices, capacity)        # (T, K), (T, K)
-# y = sparse_moe(flat, self.experts, weights, indices)                  # (T, D)
-# ```
-# A dropped assignment has weight 0, so it adds nothing to `y`. For the load, count the
-# kept assignments: `torch.bincount(indices[keep], minlength=n_experts).float()`.
+# The top-k branch is notebook 03's pipeline in order: gate, then (only if there is a
+# capacity factor) capacity, then dispatch. Keep the `keep` mask that the capacity step
+# returns (all True without a capacity): the routing tuple needs it, and it tells you which
+# assignments to count in `expert_load`.
 # </details>
 #
 # <details><summary>Hint 2: the expert-choice branch</summary>
@@ -402,36 +396,62 @@ for name in DOMAINS:
 # Both models are `CharLM`s with the same embeddings, attention and sizes (`D = 48`, two
 # blocks, four heads, a context of 32 characters); only the feed-forward networks differ:
 #
-# - the **MoE model**: in each block, your `MoEFeedForward` with `E = 4` experts of hidden
-#   width `H = 96`, top-2 routing, no capacity limit;
-# - the **dense model**: in each block, one `Expert` of hidden width `K H = 192`.
+# - the **MoE model**: in each block, your `MoEFeedForward` with `E = 4` experts, top-2
+#   routing, no capacity limit;
+# - the **dense model**: in each block, one expert of twice the hidden width.
 #
-# A token passes through two experts of width 96 in the MoE model and one of width 192 in
-# the dense one: the same multiply-adds, up to the tiny router and one extra bias vector.
-# `count_parameters` reports both counts: *total* is everything the model stores, *active*
-# what one token uses (the router and `k` of the `E` experts of each MoE layer).
+# The experts are **SwiGLU** experts, `w2(silu(w1 x) * w3 x)` (Shazeer 2020, arXiv
+# 2002.05202), the feed-forward network of Mixtral (`moe_course.SwiGLUExpert`, its eq. 1)
+# and of DeepSeek's models, rather than notebook 01's GELU `Expert`. A SwiGLU expert has
+# three matrices instead of two, so, as is usual, its hidden width is two thirds of the
+# GELU one: `H = 64` instead of 96, which keeps the parameters per expert about equal.
+# Your layer calls its experts as modules, so the cell below builds your `MoEFeedForward`
+# and swaps its `experts` list for SwiGLU ones; `EXPERT = "gelu"` gives notebook 01's
+# experts (`H = 96`) everywhere instead, for comparison.
+#
+# A token passes through two experts of width `H` in the MoE model and one of width `2H`
+# in the dense one: the same multiply-adds, up to the tiny router. `count_parameters`
+# reports both counts: *total* is everything the model stores, *active* what one token
+# uses (the router and `k` of the `E` experts of each MoE layer).
 
 # %%
+from moe_course import SwiGLUExpert  # noqa: E402  Mixtral's expert (arXiv 2401.04088, eq. 1)
+
+EXPERT = "swiglu"  # the experts' kind: "swiglu" (Mixtral, DeepSeek) or "gelu" (notebook 01)
+HIDDEN = {"swiglu": 64, "gelu": 96}  # expert hidden width H: about equal parameters
 V = tokenizer.vocab_size
-D_MODEL, D_HIDDEN, N_EXPERTS, K, N_LAYERS = 48, 96, 4, 2, 2
+D_MODEL, N_EXPERTS, K, N_LAYERS = 48, 4, 2, 2
+D_HIDDEN = HIDDEN[EXPERT]
 SEQ, BATCH, LR = 32, 16, 1e-2
 config = LMConfig(vocab_size=V, seq_len=SEQ, d_model=D_MODEL, n_heads=4, n_layers=N_LAYERS)
 
 
-def make_moe_model():
+def make_expert(d_model, d_hidden, kind=EXPERT):
+    return SwiGLUExpert(d_model, d_hidden) if kind == "swiglu" else Expert(d_model, d_hidden)
+
+
+def moe_layer(d_model=D_MODEL, kind=EXPERT, capacity_factor=None):
+    """Your MoEFeedForward, top-K of N_EXPERTS, with experts of the given kind."""
+    layer = MoEFeedForward(d_model, HIDDEN[kind], N_EXPERTS, k=K, capacity_factor=capacity_factor)
+    layer.experts = nn.ModuleList(make_expert(d_model, HIDDEN[kind], kind)
+                                  for _ in range(N_EXPERTS))
+    return layer
+
+
+def make_moe_model(kind=EXPERT):
     torch.manual_seed(0)
-    return CharLM(config, lambda i: MoEFeedForward(D_MODEL, D_HIDDEN, N_EXPERTS, k=K))
+    return CharLM(config, lambda i: moe_layer(kind=kind))
 
 
-def make_dense_model():
+def make_dense_model(kind=EXPERT):
     torch.manual_seed(0)
-    return CharLM(config, lambda i: dense_ffn(D_MODEL, K * D_HIDDEN))
+    return CharLM(config, lambda i: make_expert(D_MODEL, K * HIDDEN[kind], kind))
 
 
-counts = {"MoE (4 experts, top-2)": count_parameters(make_moe_model()),
-          "dense (hidden 2 x 96)": count_parameters(make_dense_model())}
+counts = {f"MoE (4 experts, top-2, H = {D_HIDDEN})": count_parameters(make_moe_model()),
+          f"dense (hidden 2 x {D_HIDDEN})": count_parameters(make_dense_model())}
 for name, c in counts.items():
-    print(f"{name:24s} total {c.total:7,d}   active {c.active:7,d}")
+    print(f"{name:32s} total {c.total:7,d}   active {c.active:7,d}")
 
 fig, ax = plt.subplots(figsize=(6, 3))
 for j, c in enumerate(counts.values()):
@@ -680,7 +700,65 @@ for name, hist in (("Switch loss", hist_aux), ("no Switch loss", hist_free)):
 LoadTimeline(hist_aux, hist_free, labels=("Switch loss", "no Switch loss"), layer=N_LAYERS - 1)
 
 # %% [markdown]
-# ## 9 · Sampling
+# ## 9 · Capacity during training: dropped tokens against quality
+#
+# The models above ran with `capacity_factor=None`: no expert ever refused a token. Real
+# systems give each expert a buffer of `C = ceil(K T factor / E)` slots (notebook 03), and
+# what overflows is dropped: the token's assignment contributes nothing and the token
+# rides the residual connection. Switch Transformer trained with factors from 1.0 to 2.0
+# and found that a little headroom (1.25) recovers most of the quality of no limit at less
+# memory and communication (Fedus et al. 2021, Sec. 2.2 and Table 1).
+#
+# We train the same kind of model, made smaller so that twelve runs take seconds (one
+# block, `D = 32`, 4 SwiGLU experts, top-2, 80 steps), with your `MoEFeedForward` at
+# capacity factors 1.0, 1.25, 2.0 and none, from three seeds each, with your `moe_lm_loss`
+# and the Switch loss. `moe_course.experiments.train_char_lm` counts the assignments your
+# layer's `routing.keep` marks as dropped during training; the validation loss is measured
+# with the capacity still in place. Note one thing before reading the results: with
+# `E = 4` experts and `K = 2`, a factor of 2.0 gives `C = ceil(2 T 2 / 4) = T` slots, as many
+# as an expert can ever be asked for (a token picks distinct experts), so 2.0 can never drop
+# anything here and trains exactly like no limit.
+
+# %%
+from moe_course.experiments import band, train_char_lm  # noqa: E402
+
+FACTORS = (1.0, 1.25, 2.0, None)
+small = LMConfig(vocab_size=V, seq_len=SEQ, d_model=32, n_heads=2, n_layers=1)
+
+
+def capacity_run(factor, seed):
+    torch.manual_seed(seed)
+    model = CharLM(small, lambda i: moe_layer(d_model=32, capacity_factor=factor))
+    return train_char_lm(model, corpus, steps=80, seed=seed, loss=moe_lm_loss)
+
+
+sweep = {factor: [capacity_run(factor, seed) for seed in (0, 1, 2)] for factor in FACTORS}
+print(f"{'capacity factor':>15s} {'dropped in training':>22s} {'dropped (validation)':>22s} "
+      f"{'validation loss':>24s}")
+for factor, runs in sweep.items():
+    print(f"{str(factor):>15s} {str(band([r.dropped for r in runs])):>22s} "
+          f"{str(band([r.val_dropped for r in runs])):>22s} "
+          f"{str(band([r.val_loss for r in runs])):>24s}")
+
+fig, ax = plt.subplots(figsize=(6.4, 3.6))
+for j, (factor, runs) in enumerate(sweep.items()):
+    for seed, r in enumerate(runs):
+        ax.plot(r.dropped, r.val_loss, "o^s"[seed], color=f"C{j}", ms=6,
+                label=f"factor {factor}" if seed == 0 else None)
+ax.set(xlabel="share of assignments dropped during training", ylabel="validation loss",
+       title="capacity sweep (markers: seeds 0, 1, 2)")
+ax.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+for seed in range(3):
+    order = sorted(FACTORS, key=lambda f: sweep[f][seed].val_loss)
+    print(f"seed {seed}: factors from best to worst validation loss: {order}")
+
+# %% [markdown]
+# NB05_CAPACITY_PLACEHOLDER
+
+# %% [markdown]
+# ## 10 · Sampling
 #
 # `moe_course.transformer.generate` feeds the model its own output one character at a time
 # (sampling at temperature 0.8 from a seeded generator). Each prompt starts a record of
