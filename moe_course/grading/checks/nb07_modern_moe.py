@@ -242,14 +242,14 @@ def _biased_judge(inputs: Inputs, outputs: Outputs) -> None:
 def _biased_grad_run(fn: Any, inputs: Inputs) -> Outputs:
     scores = inputs["scores"].clone().requires_grad_(True)
     bias = inputs["bias"].clone().requires_grad_(True)
+    result = fn(scores, bias, inputs["k"])
     try:
-        result = fn(scores, bias, inputs["k"])
         loss = (result[0] * inputs["cotangent"]).sum()
         g_scores, g_bias = torch.autograd.grad(loss, (scores, bias), allow_unused=True)
         out: Any = {"scores": capture(g_scores) if g_scores is not None else "none",
                     "bias": capture(g_bias) if g_bias is not None else "none"}
     except Exception as exc:  # not differentiable: reported by the judge
-        result, out = None, f"{type(exc).__name__}: {str(exc)[:160]}"
+        out = f"{type(exc).__name__}: {str(exc)[:160]}"
     return {"result": capture(result), "grad": out, "mutated": []}
 
 
