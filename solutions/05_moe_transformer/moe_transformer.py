@@ -705,9 +705,10 @@ LoadTimeline(hist_aux, hist_free, labels=("Switch loss", "no Switch loss"), laye
 # The models above ran with `capacity_factor=None`: no expert ever refused a token. Real
 # systems give each expert a buffer of `C = ceil(K T factor / E)` slots (notebook 03), and
 # what overflows is dropped: the token's assignment contributes nothing and the token
-# rides the residual connection. Switch Transformer trained with factors from 1.0 to 2.0
-# and found that a little headroom (1.25) recovers most of the quality of no limit at less
-# memory and communication (Fedus et al. 2021, Sec. 2.2 and Table 1).
+# rides the residual connection. Switch Transformer compared factors 1.0, 1.25 and 2.0 at
+# scale (Fedus et al. 2021, Table 1: 128 experts, 100k steps on C4): going from 2.0 to 1.0
+# cost its top-1 model 0.007 nats of log perplexity (-1.554 to -1.561) and a top-2 MoE
+# 0.025 (-1.547 to -1.572), while the smaller buffers made the steps faster.
 #
 # We train the same kind of model, made smaller so that twelve runs take seconds (one
 # block, `D = 32`, 4 SwiGLU experts, top-2, 80 steps), with your `MoEFeedForward` at
@@ -755,7 +756,23 @@ for seed in range(3):
     print(f"seed {seed}: factors from best to worst validation loss: {order}")
 
 # %% [markdown]
-# NB05_CAPACITY_PLACEHOLDER
+# What the sweep shows (this run's numbers; the pattern held on each seed):
+#
+# - **Drops.** With the Switch loss keeping the experts near balance, a factor of 1.0 drops
+#   about an eighth of the assignments during training, 1.25 about a twentieth, and 2.0
+#   nothing (it cannot drop here, see above), the same as no limit. On the validation batch
+#   the drops are smaller, since a trained router is better balanced than the early one.
+# - **Quality.** At this size and length, the validation losses of the four factors differ
+#   by a few hundredths of a nat, less than the seeds differ from each other, and the seeds
+#   disagree on the order (the last three printed lines): dropping an eighth of the
+#   assignments costs nothing we can measure here. A dropped assignment is not a lost token:
+#   its token still has its other expert and the residual stream. Switch Transformer's
+#   cost at scale (a hundredth of a nat or two, quoted above) is below what three
+#   80-step runs can resolve; there, the factor is chosen by weighing that cost against the
+#   memory and all-to-all traffic of larger buffers (notebook 06).
+# - To see drops hurt, lower the factor (0.5 drops at least half of the assignments) or
+#   train without the Switch loss (`aux_weight=0.0` in `train_char_lm`), so that the busy
+#   experts overflow.
 
 # %% [markdown]
 # ## 10 · Sampling
@@ -790,37 +807,38 @@ for prompt in ("12+", "the ", "def ", "ATG"):
 
 # %% [markdown] nbgrader={"grade": true, "grade_id": "ex05_written", "locked": false, "points": 2, "schema_version": 3, "solution": true}
 # (Numbers from our run; a learner's own printed numbers are what to grade against.)
-# **Equal active parameters.** The MoE model stores 98,592 parameters, but a token passes
-# through 61,152 of them (embeddings, attention, the router and 2 of the 4 experts of each
-# block), against 60,672 for the dense model, which uses all it stores: the same
+# **Equal active parameters.** The MoE model stores 97,440 parameters, but a token passes
+# through 60,576 of them (embeddings, attention, the router and 2 of the 4 SwiGLU experts
+# of each block), against 60,192 for the dense model, which uses all it stores: the same
 # multiply-adds per token up to the router. After 100 steps on the same batches the MoE
-# model's validation loss was 2.17 nats per character against the dense model's 2.31, 0.14
-# lower, and its curve was below the dense one at every evaluation. At the same compute
-# per token it holds 1.6 times the parameters, and each expert is trained only on the
-# characters routed to it, so experts can specialise (digits, DNA) instead of one
-# feed-forward network serving four kinds of text with the same weights. Its steps were
-# still about 3 times slower here (2 to 4 times over our runs, with the machine's load):
-# the FLOPs match, but with matrices this small a CPU's cost is per operation, and the
-# loop over experts (find each expert's rows, gather, run, `index_add`, plus the router
-# and its losses) multiplies the number of small operations, forward and backward; grouped
-# kernels and expert parallelism are what turn the FLOP count into speed at scale. One
-# short run with one seed is an anecdote: the gap could shrink with longer training.
+# model's validation loss was 2.144 nats per character against the dense model's 2.171,
+# 0.027 lower. At the same compute per token it holds 1.6 times the parameters, and each
+# expert is trained only on the characters routed to it, so experts can specialise
+# (digits, DNA) instead of one feed-forward network serving four kinds of text with the
+# same weights. The gap is small, though: one short run with one seed is an anecdote, and
+# it could shrink or grow with longer training. Its steps were about 2 times slower here
+# (2 to 4 times over our runs, with the machine's load): the FLOPs match, but with
+# matrices this small a CPU's cost is per operation, and the loop over experts (find each
+# expert's rows, gather, run, `index_add`, plus the router and its losses) multiplies the
+# number of small operations, forward and backward; grouped kernels and expert
+# parallelism are what turn the FLOP count into speed at scale.
 #
 # **Routing by domain.** Before training, a character's first-choice expert says almost
-# nothing about its domain (0.05 and 0.13 bits); after training it says 1.04 bits in layer
-# 0 and 1.09 bits in layer 1, of at most 2. Arithmetic has an expert of its own in both
-# layers (expert 1: 100% of its characters in layer 0, 93% in layer 1), and so does DNA
-# (expert 2 takes 75% of it in layer 0, expert 0 97% in layer 1). Words and code share the
-# two remaining experts in both layers, with only 50 to 58% of a domain on its top expert.
-# That follows the alphabets: DNA's four capitals and arithmetic's digits and `+-*=;`
-# occur in no other domain, so a linear router on the character representations separates
-# them easily, whereas sentences and code share the lower-case letters and the space
-# (code's keywords and variable names are English words), so the router splits them by
-# character more than by domain. Without the Switch loss the layer-1 router left expert 1
-# almost idle (5% of the assignments, busiest over idlest expert 8.4), DNA shared experts
-# with arithmetic or code in layer 0, and layer 1 carried less domain information (0.81
-# bits, after a run half as long): balancing made all four experts available, and the
-# domains spread over them.
+# nothing about its domain (0.18 and 0.07 bits: nearly everything goes to one expert per
+# layer); after training it says 1.27 bits in layer 0 and 1.35 bits in layer 1, of at most
+# 2. DNA has an expert of its own in both layers (100% of its characters on expert 1 in
+# layer 0, on expert 0 in layer 1), and so does arithmetic in layer 1 (expert 3, 100%;
+# in layer 0 only 56% on its top expert). Words and code share experts: in layer 0 both go
+# mostly to expert 0 (99% and 62%), and in layer 1 code spreads out (36% on its top
+# expert). That follows the alphabets: DNA's four capitals and arithmetic's digits and
+# `+-*=;` occur in no other domain, so a linear router on the character representations
+# separates them easily, whereas sentences and code share the lower-case letters and the
+# space (code's keywords and variable names are English words), so the router splits them
+# by character more than by domain. Without the Switch loss the routers stayed lopsided
+# (busiest over idlest expert 4.0 in layer 0 and 15.3 in layer 1, against 1.8 and 1.4
+# with it), DNA and arithmetic shared one expert in layer 0, and that layer carried less
+# domain information (0.86 bits, after a run half as long): balancing made all four
+# experts available, and the domains spread over them.
 
 # %% [markdown]
 # ## Summary
