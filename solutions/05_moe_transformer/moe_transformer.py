@@ -744,10 +744,11 @@ for factor, runs in sweep.items():
 fig, ax = plt.subplots(figsize=(6.4, 3.6))
 for j, (factor, runs) in enumerate(sweep.items()):
     for seed, r in enumerate(runs):
-        ax.plot(r.dropped, r.val_loss, "o^s"[seed], color=f"C{j}", ms=6,
+        hollow = {"markerfacecolor": "none", "ms": 11} if factor == 2.0 else {"ms": 6}
+        ax.plot(r.dropped, r.val_loss, "o^s"[seed], color=f"C{j}", **hollow,
                 label=f"factor {factor}" if seed == 0 else None)
 ax.set(xlabel="share of assignments dropped during training", ylabel="validation loss",
-       title="capacity sweep (markers: seeds 0, 1, 2)")
+       title="capacity sweep (markers: seeds 0, 1, 2; 2.0 hollow)")
 ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
