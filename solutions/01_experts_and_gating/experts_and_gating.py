@@ -426,10 +426,11 @@ plt.show()
 #   regions need different functions, four gated specialists fit better than one network
 #   of the same size and cost.
 # - **Same active FLOPs:** run top-1, each point through one expert of width 8, the
-#   trained mixture keeps much of that advantage. It lands near the wide expert, with a
-#   wide spread over the seeds (better than the wide expert on one seed, worse on the
-#   others: here the seeds disagree), and every seed is well ahead of the `H = 8`
-#   expert that costs the same per point (about 0.07 to 0.13).
+#   trained mixture keeps much of that advantage, with a wide spread over the seeds. Its
+#   mean lands near the wide expert's, but here the seeds disagree: it beat the wide
+#   expert on two seeds and lost to it on one. Against the `H = 8` expert that costs the
+#   same per point it won on every seed, by far on two and narrowly on the third (seed 0,
+#   whose `H = 8` expert is the one trained above).
 #
 # That last row is the promise of sparse mixtures, at a quarter of the compute of the dense
 # one. It was trained dense and only evaluated top-1; notebook 02 trains the router to
