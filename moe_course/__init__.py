@@ -35,7 +35,13 @@ from .losses import (
     router_z_loss,
     switch_aux_loss,
 )
-from .modern import aux_free_bias_update, shared_expert_moe, soft_moe, sort_by_expert
+from .modern import (
+    aux_free_bias_update,
+    biased_top_k,
+    shared_expert_moe,
+    soft_moe,
+    sort_by_expert,
+)
 from .routing import DenseMoE, dense_moe, moe_flops, sparse_moe
 from .serving import (
     expected_experts_touched,
@@ -56,7 +62,7 @@ __all__ = [
     "expert_choice_moe", "expert_choice_routing", "experts_per_token", "importance_loss",
     "load_loss", "moe_flops", "moe_lm_loss", "noisy_logits", "router_z_loss",
     "softmax_gate", "sparse_moe", "switch_aux_loss", "top_k_gating",
-    "aux_free_bias_update", "shared_expert_moe", "soft_moe", "sort_by_expert",
+    "aux_free_bias_update", "biased_top_k", "shared_expert_moe", "soft_moe", "sort_by_expert",
     "expected_experts_touched", "experts_touched", "lru_cache_hits", "offload_time_per_token",
     "optimal_cache_hits", "upcycle",
 ]

@@ -161,6 +161,23 @@ def test_biased_top_k_gradient_reaches_scores_not_bias():
     assert bias.grad is None
 
 
+def test_biased_top_k_invariants():
+    scores = torch.sigmoid(randn(7, T, 6))
+    bias = randn(8, 6) * 0.3
+    before = (scores.clone(), bias.clone())
+    weights, indices = biased_top_k(scores, bias, k=3)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(T, dtype=scores.dtype))
+    assert bool((weights > 0).all())
+    assert torch.equal(scores, before[0]) and torch.equal(bias, before[1])  # not mutated
+    shifted = biased_top_k(scores, bias + 5.0, k=3)  # only differences of the bias matter
+    assert torch.equal(shifted.indices, indices)
+    torch.testing.assert_close(shifted.weights, weights)
+    sharper = biased_top_k(scores, bias * 100, k=3)  # a huge bias decides alone ...
+    assert torch.equal(sharper.indices, (bias * 100).expand(T, -1).topk(3, -1).indices)
+    # ... but still never enters the weights
+    torch.testing.assert_close(sharper.weights.sum(-1), torch.ones(T, dtype=scores.dtype))
+
+
 @pytest.mark.parametrize("scores,bias,k,match", [
     (-torch.ones(2, 3), torch.zeros(3), 1, "scores must be non-negative"),
     (torch.ones(2, 3), torch.zeros(4), 1, r"bias must be \(E,\)"),

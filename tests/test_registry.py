@@ -10,7 +10,8 @@ import moe_course
 import moe_course.parallel
 from moe_course.grading import EXERCISES, Exercise, Probe, exercises_for
 
-# (grade_id, assignment, symbol, points, kind), in notebook order, copied from CURRICULUM.md.
+# (grade_id, assignment, symbol, points, kind), in notebook order, copied from CURRICULUM.md
+# (ex07_biased_top_k and the 1 point of ex07_aux_free_bias_update: issue 15, README map).
 CURRICULUM = [
     ("ex01_expert", "01_experts_and_gating", "Expert", 2, "class"),
     ("ex01_softmax_gate", "01_experts_and_gating", "softmax_gate", 1, "function"),
@@ -44,7 +45,8 @@ CURRICULUM = [
     ("ex06_expert_parallel_forward", "06_expert_parallelism", "expert_parallel_forward", 3,
      "function"),
     ("ex07_shared_expert_moe", "07_modern_moe", "shared_expert_moe", 2, "function"),
-    ("ex07_aux_free_bias_update", "07_modern_moe", "aux_free_bias_update", 2, "function"),
+    ("ex07_biased_top_k", "07_modern_moe", "biased_top_k", 2, "function"),
+    ("ex07_aux_free_bias_update", "07_modern_moe", "aux_free_bias_update", 1, "function"),
     ("ex07_soft_moe", "07_modern_moe", "soft_moe", 3, "function"),
     ("ex07_sort_by_expert", "07_modern_moe", "sort_by_expert", 2, "function"),
     ("ex08_experts_touched", "08_serving_and_upcycling", "experts_touched", 1, "function"),
@@ -60,7 +62,7 @@ CURRICULUM = [
 ]
 POINTS = {"01_experts_and_gating": 6, "02_top_k_routing": 9, "03_load_balancing": 12,
           "04_expert_choice": 9, "05_moe_transformer": 6, "06_expert_parallelism": 7,
-          "07_modern_moe": 9, "08_serving_and_upcycling": 12}
+          "07_modern_moe": 10, "08_serving_and_upcycling": 12}
 # Where each assignment's references live: the package top level, or its own module.
 HOME = {"06_expert_parallelism": moe_course.parallel}
 

@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 07 · Modern mixtures: shared experts, loss-free balancing, Soft MoE, grouped dispatch
 #
-# **Difficulty** ★★★☆ · **Time** about 75 minutes · **Points** 9 (all autograded)
+# **Difficulty** ★★★☆ · **Time** about 75 minutes · **Points** 10 (all autograded)
 #
 # Notebooks 02 to 05 built the recipe of GShard, Switch Transformer and Mixtral: a top-k
 # router, an auxiliary loss to keep the experts busy, a capacity to bound each expert's
@@ -41,7 +41,8 @@
 # | exercise | what | points |
 # |---|---|---|
 # | `shared_expert_moe` | shared experts on every token plus top-k routed experts | 2 |
-# | `aux_free_bias_update` | one step of DeepSeek-V3's bias update | 2 |
+# | `biased_top_k` | DeepSeek-V3's routing: the biased scores choose, the unbiased ones weight | 2 |
+# | `aux_free_bias_update` | one step of DeepSeek-V3's bias update | 1 |
 # | `soft_moe` | Soft MoE: dispatch tokens into slots, run experts, combine slots into tokens | 3 |
 # | `sort_by_expert` | the stable permutation that groups assignments by expert, and the counts | 2 |
 #
@@ -62,7 +63,7 @@ import torch
 from moe_course import Expert, sparse_moe, top_k_gating  # notebook 02's exercises, reused here
 from moe_course.grading import check
 from moe_course.layers import DenseFFN, TopKMoE
-from moe_course.modern import biased_top_k
+from moe_course.experiments import LM_BALANCING, band, train_lm_balancing
 from moe_course.train import fast_mode
 
 torch.manual_seed(0)
@@ -212,9 +213,46 @@ plt.show()
 # through $b$; the gates, and so the task's gradient, see only the unbiased scores
 # $s_{t,e}$. DeepSeek-V3 used $\gamma = 0.001$ for most of its training.
 #
-# `moe_course.modern.biased_top_k(scores, bias, k)` does the routing above. On one token:
-# a bias of $-0.5$ on the favourite expert pushes it out of the top 2, but the weights of the
-# two chosen experts are still their unbiased scores, normalised.
+# (Eq. 14 is the same selection without the bias, the rule of DeepSeek-V2 and of notebook
+# 02; eq. 16 adds $b_e$ inside the top-k and nowhere else.) Note the two differences from
+# your `top_k_gating` of notebook 02: the affinities are sigmoids, each in $(0, 1)$ on its
+# own, not a softmax over the experts; and the weights are the chosen affinities divided by
+# their sum, not a softmax of anything.
+#
+# **Exercise 2 (2 points).** Write `biased_top_k(scores, bias, k)`: `scores` is the `(T, E)`
+# tensor of non-negative affinities $s$, `bias` the `(E,)` bias $b$, `k` the number of
+# experts per token. Return the pair `(weights, indices)`, both `(T, K)`: `indices` the `k`
+# experts with the largest $s + b$ for each token, best biased score first; `weights` their
+# *unbiased* scores divided by the sum of those `k` unbiased scores (eq. 13), so each row
+# sums to 1. The weights must stay differentiable with respect to `scores` (the router
+# learns through them) and must not depend on `bias` at all.
+#
+# <details><summary>Hint</summary>
+#
+# Which experts, and how much of each, are two separate questions here: answer the first
+# with `torch.topk` on one tensor and the second with `gather` on another.
+# </details>
+
+# %% nbgrader={"grade": false, "grade_id": "ex07_biased_top_k", "locked": false, "schema_version": 3, "solution": true}
+def biased_top_k(scores, bias, k):
+    """(T, E) affinities, (E,) bias, k -> (weights (T, K), indices (T, K)), eq. 13 and 16."""
+    ### BEGIN SOLUTION
+    indices = (scores + bias).topk(k, dim=-1).indices  # (T, K) eq. 16: the bias chooses
+    chosen = scores.gather(1, indices)  # (T, K) the unbiased scores s_{t,e}
+    weights = chosen / chosen.sum(dim=-1, keepdim=True)  # (T, K) eq. 13: they weight
+    return weights, indices
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex07_biased_top_k_tests", "locked": true, "points": 2, "schema_version": 3, "solution": false}
+check("ex07_biased_top_k", biased_top_k)
+### BEGIN HIDDEN TESTS
+check("ex07_biased_top_k", biased_top_k, hidden=True)
+### END HIDDEN TESTS
+
+# %% [markdown]
+# On one token: a bias of $-0.5$ on the favourite expert pushes it out of the top 2, but the
+# weights of the two chosen experts are still their unbiased scores, normalised.
 
 # %%
 scores_one = torch.tensor([[0.90, 0.70, 0.60, 0.20]])  # (T, E) sigmoid affinities
@@ -225,7 +263,7 @@ for bias_one in (torch.zeros(4), torch.tensor([-0.5, 0.0, 0.0, 0.0])):
           f"{scores_one[0, i_one[0]].tolist()} / their sum")
 
 # %% [markdown]
-# **Exercise 2 (2 points).** Write `aux_free_bias_update(bias, expert_counts, gamma)`:
+# **Exercise 3 (1 point).** Write `aux_free_bias_update(bias, expert_counts, gamma)`:
 # `bias` is the `(E,)` float bias, `expert_counts` the `(E,)` number of assignments each
 # expert received in the step (integers, or float loads: only their comparison with the
 # mean matters), `gamma >= 0` the update speed. Return the new `(E,)` bias,
@@ -260,7 +298,7 @@ def aux_free_bias_update(bias, expert_counts, gamma):
     ### END SOLUTION
 
 
-# %% nbgrader={"grade": true, "grade_id": "ex07_aux_free_bias_update_tests", "locked": true, "points": 2, "schema_version": 3, "solution": false}
+# %% nbgrader={"grade": true, "grade_id": "ex07_aux_free_bias_update_tests", "locked": true, "points": 1, "schema_version": 3, "solution": false}
 check("ex07_aux_free_bias_update", aux_free_bias_update)
 ### BEGIN HIDDEN TESTS
 check("ex07_aux_free_bias_update", aux_free_bias_update, hidden=True)
@@ -325,10 +363,84 @@ for gamma, (loads, _) in runs.items():
 # Two things to notice. The router's own preference never changed: the scores still favour
 # expert 0, and wherever expert 0 is chosen its weight is as large as before. The bias only
 # moves the *borderline* tokens, those whose second and third choices were close, to the
-# experts that need work. And the balance costs the task nothing: the gates that multiply
-# the experts' outputs, and so every gradient, come from the unbiased scores. DeepSeek-V3
-# still adds a very small sequence-wise balance loss as a safeguard against extreme
-# imbalance within one sequence (its eq. 17-20, weight $10^{-4}$).
+# experts that need work. That is not free: a rerouted token is now processed by an
+# expert it scores lower, so the bias does change what the layer computes. What it avoids
+# is something else: an auxiliary loss balances by adding its own gradient to the router's,
+# which pulls against the task's gradient; the bias has no gradient at all, and the gates
+# that multiply the experts' outputs, and so every gradient, come from the unbiased scores.
+# DeepSeek-V3 still adds a very small sequence-wise balance loss as a safeguard against
+# extreme imbalance within one sequence (its eq. 17-20, weight $10^{-4}$).
+#
+# **Now with training.** The router above was frozen. Below, a small character model (the
+# corpus of notebook 05; one block, `D = 32`, 8 experts of width 32, top-2, routed by your
+# `biased_top_k` with sigmoid affinities) is trained for 150 steps three ways, from three
+# seeds each, on the same batches:
+#
+# - **aux loss**: cross-entropy plus $\alpha = 0.01$ times a Switch-form balance loss,
+#   $E \sum_e f_e P_e$ on the affinities normalised over the experts (DeepSeek-V3's eq.
+#   17-20, taken over the batch instead of each sequence); the bias stays 0;
+# - **aux-free bias**: cross-entropy only, and after every step your `aux_free_bias_update`
+#   with $\gamma = 0.01$ moves each bias from that step's counts;
+# - **neither**: cross-entropy only, bias 0.
+#
+# `moe_course.experiments.train_lm_balancing` runs one of them; the left panel shows the
+# busiest expert's share over the mean share during training (1 is perfect balance; a band
+# over the three seeds, smoothed over 10 steps), the right panel the validation loss of each
+# run. (While a grader runs this notebook the training stops after a few steps.)
+
+# %%
+lm_runs = {way: [train_lm_balancing(way, seed=seed, select=biased_top_k,
+                                    update=aux_free_bias_update) for seed in (0, 1, 2)]
+           for way in LM_BALANCING}
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw={"width_ratios": [1.6, 1]})
+for j, (way, runs) in enumerate(lm_runs.items()):
+    curves = torch.stack([r.max_over_mean for r in runs])  # (seeds, steps)
+    window = min(10, curves.shape[1])
+    smooth = torch.nn.functional.avg_pool1d(curves[:, None], window, stride=1)[:, 0]  # (seeds, steps')
+    steps_axis = torch.arange(window, curves.shape[1] + 1)
+    axes[0].fill_between(steps_axis, smooth.min(0).values, smooth.max(0).values, alpha=0.25,
+                         color=f"C{j}")
+    axes[0].plot(steps_axis, smooth.mean(0), color=f"C{j}", label=way)
+    val = [r.val_loss for r in runs]
+    axes[1].plot([j] * len(val), val, "o", color=f"C{j}", alpha=0.6)
+    axes[1].plot([j - 0.2, j + 0.2], [sum(val) / len(val)] * 2, color=f"C{j}", lw=2)
+axes[0].axhline(1.0, color="gray", ls=":", lw=1)
+axes[0].set(xlabel="training step", ylabel="busiest expert's share / mean share",
+            title="load balance during training (band: 3 seeds)")
+axes[0].legend(fontsize=8)
+axes[1].set(xticks=range(len(LM_BALANCING)), xticklabels=LM_BALANCING,
+            ylabel="validation cross-entropy", title="quality (dots: seeds; bar: mean)")
+plt.tight_layout()
+plt.show()
+print(f"{'':14s} {'max/mean, last 30 steps':>26s} {'validation loss':>24s} "
+      f"{'tokens rerouted by the bias':>28s}")
+for way, runs in lm_runs.items():
+    late = band([float(r.max_over_mean[-30:].mean()) for r in runs])
+    val = band([r.val_loss for r in runs])
+    rerouted = band([r.rerouted for r in runs])
+    print(f"{way:14s} {str(late):>26s} {str(val):>24s} {str(rerouted):>28s}")
+
+# %% [markdown]
+# What the runs show (the numbers printed above are this run's; the pattern held on each
+# seed):
+#
+# - **Balance.** Trained on the cross-entropy alone, the router stays lopsided: the busiest
+#   expert gets about twice its share to the end. The auxiliary loss at $\alpha = 0.01$
+#   pulls that down only part of the way (about 1.7); your bias update, with no loss term
+#   at all, brings it lowest (about 1.4) and keeps it there, on every seed.
+# - **Quality.** At this size and length the three validation losses are the same within
+#   the spread of the seeds (about 2.0 to 2.14 for each): the seeds differ from each other
+#   far more than the ways of balancing do. Nothing here shows the bias *improving* the
+#   model, nor balance costing it; Wang et al. (arXiv 2408.15664) measure a gain at the
+#   scale of billions of tokens, where an auxiliary loss strong enough to balance does
+#   hurt.
+# - **The bias is not free of effects on the task.** By the end of training it changed
+#   the set of experts of a large share of the validation tokens (the last column: about
+#   two in five to three in five), so those tokens are processed by experts they score
+#   lower. What the bias avoids is the auxiliary loss's gradient, which reaches every
+#   router weight and pulls against the task's; the bias has none, and the gates still come
+#   from the unbiased scores. DeepSeek-V3 also anneals the speed: $\gamma = 0.001$ for most
+#   of training, then 0 (its Sec. 4.2).
 
 # %% [markdown]
 # ## 3 · Soft MoE: slots instead of routing
@@ -354,7 +466,7 @@ for gamma, (loads, _) in runs.items():
 # the number of slots, `E C`, not by `T`. (The paper also L2-normalises `X` and `Φ` with a
 # learned scale for large `D`; we leave that out.)
 #
-# **Exercise 3 (3 points).** Write `soft_moe(x, experts, phi, slots_per_expert)`: `x` is
+# **Exercise 4 (3 points).** Write `soft_moe(x, experts, phi, slots_per_expert)`: `x` is
 # `(T, D)`, `experts` a list of `E` modules, `phi` the `(D, E*C)` slot parameters and
 # `slots_per_expert` is `C`. Return the tuple `(y, dispatch, combine)`: `y` is `(T, D)`,
 # `dispatch` and `combine` the two `(T, E*C)` weight matrices. Call each expert once, on its
@@ -491,7 +603,7 @@ print("tokens 0..8 moved under Soft MoE:", bool((moved_soft[:-1] > 0).all()))
 # be **stable**, so that within one expert the rows stay in token order: the result is then
 # deterministic, on every machine and for every sort algorithm.
 #
-# **Exercise 4 (2 points).** Write `sort_by_expert(indices, n_experts)`: `indices` is the
+# **Exercise 5 (2 points).** Write `sort_by_expert(indices, n_experts)`: `indices` is the
 # `(T, K)` integer routing. Return the tuple `(order, counts)`: `order` is the `(T*K,)`
 # permutation of flat ids that groups the assignments by expert (expert 0's first, in token
 # order, then expert 1's, ...), so that `indices.reshape(-1)[order]` is sorted; `counts` is

@@ -1,5 +1,6 @@
 """Probes for notebook 07, modern mixtures: `shared_expert_moe` (DeepSeekMoE, arXiv
-2401.06066, eq. 9-11), `aux_free_bias_update` (DeepSeek-V3, arXiv 2412.19437, Sec. 2.1.2),
+2401.06066, eq. 9-11), `biased_top_k` (DeepSeek-V3, arXiv 2412.19437, eq. 13-16),
+`aux_free_bias_update` (DeepSeek-V3, Sec. 2.1.2),
 `soft_moe` (Puigcerver et al., arXiv 2308.00951, eq. 1-2) and `sort_by_expert` (MegaBlocks,
 arXiv 2211.15841)."""
 
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..inputs import gen, logits, tie_free
+from ..inputs import gen, logits, min_gap, tie_free
 from ..probe import (
     CheckFailure,
     Inputs,
@@ -153,6 +154,123 @@ def _shared_judge(inputs: Inputs, outputs: Outputs) -> None:
     except CheckFailure as failure:
         raise CheckFailure(matching_variant(y, variants) or failure.message) from None
     expect_close(y, expected, "your shared_expert_moe output", variants=variants)
+
+
+# ----------------------------------------------------------------------------------------
+# biased_top_k
+
+
+def _biased_inputs(seed: int, t: int, e: int, k: int, bias_scale: float) -> Inputs:
+    """Sigmoid affinities and a bias large enough to change some tokens' choices."""
+
+    def make(g: torch.Generator) -> Inputs:
+        scores = torch.sigmoid(logits(g, t, e))  # (T, E) eq. 15
+        bias = bias_scale * torch.randn(e, generator=g)  # (E,)
+        return {"scores": scores, "bias": bias, "k": k,
+                "cotangent": torch.randn(t, k, generator=g)}
+
+    def gaps(i: Inputs) -> list[float]:
+        s, b = i["scores"], i["bias"]
+        out = [min_gap(s + b, dim=-1), min_gap(s, dim=-1)]
+        if i["k"] < e:  # the bias must change at least one token's set of experts
+            biased = (s + b).topk(i["k"], dim=-1).indices.sort(-1).values
+            plain = s.topk(i["k"], dim=-1).indices.sort(-1).values
+            out.append(1.0 if bool((biased != plain).any()) else 0.0)
+        return out
+
+    return tie_free(make, gaps, seed)
+
+
+def _biased_run(fn: Any, inputs: Inputs) -> Outputs:
+    return call(fn, [("scores", inputs["scores"]), ("bias", inputs["bias"]),
+                     ("k", inputs["k"])])
+
+
+def _biased_expected(scores: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    indices = (scores + bias).topk(k, dim=-1).indices  # (T, K) eq. 16
+    chosen = scores.gather(1, indices)  # (T, K) unbiased s_{i,t}
+    return chosen / chosen.sum(-1, keepdim=True), indices  # eq. 13
+
+
+def _biased_judge(inputs: Inputs, outputs: Outputs) -> None:
+    no_mutation(outputs, "biased_top_k")
+    scores, bias, k = inputs["scores"], inputs["bias"], inputs["k"]
+    t = scores.shape[0]
+    weights, indices = expect_items(outputs["result"], "biased_top_k", ("weights", "indices"))
+    weights = expect_tensor(weights, "biased_top_k's weights", (t, k), hint=" (T, K)")
+    indices = expect_tensor(indices, "biased_top_k's indices", (t, k), kind="int",
+                            hint=" (T, K), the chosen experts")
+    expected_w, expected_i = _biased_expected(scores, bias, k)
+    biased = scores + bias  # (T, E)
+    expect_close(indices, expected_i, "your indices", variants=[
+        (scores.topk(k, dim=-1).indices,
+         "you chose the experts by the unbiased scores: the bias is there to choose, take the "
+         "top k of scores + bias (eq. 16)"),
+        (expected_i.flip(-1), "your indices are the right experts in ascending order: return "
+                              "them best biased score first (torch.topk's order)"),
+        (expected_i.sort(dim=-1).values, "your indices are the right experts sorted by expert "
+                                         "id: keep them in descending order of scores + bias"),
+        (biased.topk(k, dim=-1, largest=False).indices,
+         "your indices are the k *smallest* biased scores: take the largest"),
+        ((scores - bias).topk(k, dim=-1).indices,
+         "you subtracted the bias: the experts chosen are the top k of scores + bias"),
+    ])
+    chosen = scores.gather(1, expected_i)  # (T, K) unbiased
+    chosen_b = biased.gather(1, expected_i)  # (T, K)
+    sums = float(weights.sum(-1).mean())
+    expect_close(weights, expected_w, "your weights", variants=[
+        (chosen_b / chosen_b.sum(-1, keepdim=True),
+         "your weights include the bias: the bias only chooses the experts; weight them by "
+         "their *unbiased* scores, normalised over the chosen (eq. 13)"),
+        (chosen_b, "your weights are the biased scores: use the unbiased scores of the chosen "
+                   "experts, divided by their sum (eq. 13)"),
+        (chosen, f"your weights sum to {sums:.2f} per token: divide the chosen scores by their "
+                 "sum over the k chosen experts, so they sum to 1 (eq. 13)"),
+        (chosen / scores.sum(-1, keepdim=True),
+         "you normalised over all E experts: divide by the sum over the k *chosen* ones "
+         "(eq. 13)"),
+        (torch.softmax(chosen, dim=-1),
+         "you took a softmax of the chosen scores: DeepSeek-V3 divides the sigmoid affinities "
+         "by their sum over the chosen experts (eq. 13), no exponential"),
+        (torch.softmax(chosen_b, dim=-1), "your weights are a softmax of the biased scores: "
+                                          "divide the unbiased scores by their sum (eq. 13)"),
+        (expected_w.flip(-1), "your weights are in the reverse order of your indices: "
+                              "weights[t, j] must belong to expert indices[t, j]"),
+    ])
+
+
+def _biased_grad_run(fn: Any, inputs: Inputs) -> Outputs:
+    scores = inputs["scores"].clone().requires_grad_(True)
+    bias = inputs["bias"].clone().requires_grad_(True)
+    result = fn(scores, bias, inputs["k"])
+    try:
+        loss = (result[0] * inputs["cotangent"]).sum()
+        g_scores, g_bias = torch.autograd.grad(loss, (scores, bias), allow_unused=True)
+        out: Any = {"scores": capture(g_scores) if g_scores is not None else "none",
+                    "bias": capture(g_bias) if g_bias is not None else "none"}
+    except Exception as exc:  # not differentiable: reported by the judge
+        out = f"{type(exc).__name__}: {str(exc)[:160]}"
+    return {"result": capture(result), "grad": out, "mutated": []}
+
+
+def _biased_grad_judge(inputs: Inputs, outputs: Outputs) -> None:
+    _biased_judge(inputs, outputs)
+    grad = outputs["grad"]
+    if not isinstance(grad, dict) or not isinstance(grad.get("scores"), Tensor):
+        raise CheckFailure(f"your weights are not differentiable with respect to the scores "
+                           f"({grad if isinstance(grad, str) else 'no gradient'}): the router "
+                           "learns through them, so keep them torch operations on scores (no "
+                           ".detach(), .item() or torch.no_grad())")
+    g_bias = grad.get("bias")
+    if isinstance(g_bias, Tensor) and bool(g_bias.abs().max() > 1e-6):
+        raise CheckFailure("a gradient reaches the bias through your weights: the bias must "
+                           "only choose the experts (no gradient, DeepSeek-V3 Sec. 2.1.2); "
+                           "compute the weights from the unbiased scores alone")
+    scores = inputs["scores"].clone().requires_grad_(True)
+    weights, _ = _biased_expected(scores, inputs["bias"], inputs["k"])
+    (weights * inputs["cotangent"]).sum().backward()
+    expect_close(grad["scores"], scores.grad,
+                 "the gradient of your weights with respect to the scores")
 
 
 # ----------------------------------------------------------------------------------------
@@ -572,6 +690,18 @@ HIDDEN_SHARED_EXPERT_MOE = (
     Probe("no shared experts, top-1 of 4 routed",
           lambda: _shared_inputs(703, 6, 3, 0, 4, 1), _shared_run(False), _shared_judge,
           rules=(SHARED, GATES, CALLS, NO_SHARED)),
+)
+VISIBLE_BIASED_TOP_K = (
+    Probe("6 tokens, top-2 of 5 experts, a bias that changes some choices",
+          lambda: _biased_inputs(741, 6, 5, 2, 0.3), _biased_run, _biased_judge),
+)
+HIDDEN_BIASED_TOP_K = (
+    Probe("12 tokens, top-3 of 8 experts", lambda: _biased_inputs(742, 12, 8, 3, 0.4),
+          _biased_run, _biased_judge),
+    Probe("top-1 of 4 experts (weights all 1)", lambda: _biased_inputs(743, 7, 4, 1, 0.3),
+          _biased_run, _biased_judge),
+    Probe("gradient reaches the scores, not the bias",
+          lambda: _biased_inputs(744, 8, 6, 2, 0.3), _biased_grad_run, _biased_grad_judge),
 )
 VISIBLE_AUX_FREE_BIAS_UPDATE = (
     Probe("6 experts, integer counts, two at the mean",
