@@ -28,7 +28,7 @@ TOP_DOWN = [
     "validation", "gating", "routing", "capacity", "expert_choice", "experts", "losses", "data",
     # the layers and models built from them
     "routers", "fused", "layers", "modern", "serving", "parallel", "parallel_workers",
-    "parallel_torchrun", "transformer", "train",
+    "parallel_torchrun", "transformer", "train", "experiments",
     # what uses them: the widgets, the checks (and graders), the release and the CLI
     "widgets", "grading", "release", "cli",
 ]
