@@ -63,7 +63,7 @@ def run_probe(exercise: Exercise, probe: Probe, obj: Any, inputs: Inputs) -> Out
     problem = _kind_problem(exercise, obj)
     if problem:
         raise _failure(exercise, probe, problem)
-    with quiet(), reference_guard(exercise.reference) as guard:
+    with quiet(), reference_guard(*exercise.references) as guard:
         try:
             outputs = probe.run(obj, inputs)
         except CheckFailure as failure:
@@ -82,7 +82,10 @@ def run_probe(exercise: Exercise, probe: Probe, obj: Any, inputs: Inputs) -> Out
                                  f"{': ' + text if text else ''}")
         else:
             error = None
-    if guard.tripped:
+    if guard.tampering:
+        error = CheckFailure(f"your {exercise.symbol} tampered with the grader's guard while "
+                             f"its checks ran: {guard.tampering[0]}")
+    elif guard.tripped:
         error = _implement_yourself(exercise)
     if error is not None:
         raise _failure(exercise, probe, error.message) from None

@@ -9,8 +9,9 @@ moe_course.grading.sandbox_worker FD``. The worker (`main`)
 1. reads its job from stdin with `torch.load(weights_only=True)`: the notebook's code cells,
    where each exercise is checked (at its tests cell), the probe inputs that the trusted
    process made and the resource limits, which it sets (`apply_limits`);
-2. makes the references of the assignment's exercises trip when the exercise that owns them
-   is being checked (`install_tripwires`), so that an alias captured by a cell trips too;
+2. takes the assignment's exercises from the registry (the references are left untouched:
+   `run_probe`'s `guard.reference_guard` trips on any *execution* of the exercise's
+   reference code while its probes run, however the learner reached it);
 3. walls itself in (`install_walls`): Landlock (no writes outside its folder, no signals to
    or sockets with processes outside, no TCP, no exec), seccomp (no new processes: fork,
    vfork, clone without CLONE_THREAD and exec are refused, and so are ptrace and access to
@@ -43,65 +44,6 @@ from collections.abc import Callable
 from typing import Any
 
 FRAME_HEADER = struct.Struct(">Q")  # length of the payload that follows, in bytes
-
-# ----------------------------------------------------------------------------------------
-# Tripwires: the exercise's own reference trips while that exercise is being checked.
-
-_ORIGINALS: dict[str, Callable[..., Any]] = {}  # tripwire key -> untouched reference
-_OWNER: dict[str, str] = {}  # tripwire key -> grade_id of the exercise it answers
-_PROBING: list[str | None] = [None]  # grade_id whose probes are running now, if any
-
-
-def tripwire_call(key: str, args: tuple, kwargs: dict) -> Any:
-    """Run the reference behind tripwire `key`, unless its own exercise is being checked."""
-    if _PROBING[0] is not None and _PROBING[0] == _OWNER.get(key):
-        from .guard import _trip
-
-        _trip(key)  # raises ReferenceCalled, recorded by run_probe's reference_guard
-    return _ORIGINALS[key](*args, **kwargs)
-
-
-def _function_tripwire(fn: types.FunctionType, grade_id: str) -> None:
-    key = f"{fn.__module__}.{fn.__qualname__}"
-    clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
-                               fn.__closure__)
-    clone.__kwdefaults__ = fn.__kwdefaults__
-    _ORIGINALS[key], _OWNER[key] = clone, grade_id
-    # The new code runs with the reference module's globals, so it reaches this module by
-    # name; it has no free variables, so reference_guard can still swap it during a probe.
-    source = (f"def tripwire(*args, **kwargs):\n"
-              f"    return __import__({__name__!r}, fromlist=['tripwire_call'])"
-              f".tripwire_call({key!r}, args, kwargs)\n")
-    scope: dict[str, Any] = {}
-    exec(compile(source, f"<tripwire {key}>", "exec"), scope)
-    fn.__code__ = scope["tripwire"].__code__
-    fn.__defaults__ = None
-    fn.__kwdefaults__ = None
-
-
-def _class_tripwire(cls: type, grade_id: str) -> None:
-    for name in ("__init__", "forward"):
-        if name not in vars(cls):
-            continue
-        key = f"{cls.__module__}.{cls.__qualname__}.{name}"
-        _ORIGINALS[key], _OWNER[key] = vars(cls)[name], grade_id
-
-        def method(self: Any, *args: Any, _key: str = key, **kwargs: Any) -> Any:
-            return tripwire_call(_key, (self, *args), kwargs)
-
-        method.__name__ = name
-        setattr(cls, name, method)
-
-
-def install_tripwires(exercises: list[Any]) -> None:
-    """Replace each exercise's reference (in place, so every alias sees it) by a tripwire."""
-    for exercise in exercises:
-        ref = exercise.reference
-        if isinstance(ref, types.FunctionType):
-            _function_tripwire(ref, exercise.grade_id)
-        elif isinstance(ref, type):
-            _class_tripwire(ref, exercise.grade_id)
-
 
 # ----------------------------------------------------------------------------------------
 # Walls: Landlock, seccomp and an audit hook, installed before any learner code runs.
@@ -425,7 +367,6 @@ def main(argv: list[str] | None = None) -> None:
     # Taken before any learner code runs: a cell that rewrites the registry changes nothing.
     exercises = {ex.grade_id: ex for ex in exercises_for(job["assignment"])
                  if ex.kind != "written"}
-    install_tripwires(list(exercises.values()))
     probes = {gid: tuple(ex.visible + ex.hidden) for gid, ex in exercises.items()}
     in_learner = [False]
 
@@ -468,7 +409,6 @@ def main(argv: list[str] | None = None) -> None:
             if error is None and obj is _MISSING:
                 error = _missing(exercise, cell_errors.get(exercise.grade_id))
             elif error is None:
-                _PROBING[0] = exercise.grade_id
                 in_learner[0] = True
                 try:
                     outputs = run_probe(exercise, probe, obj, inputs[f"{exercise.grade_id}::"
@@ -480,7 +420,6 @@ def main(argv: list[str] | None = None) -> None:
                     error = _probe_error(exercise, exc)
                 finally:
                     in_learner[0] = False
-                    _PROBING[0] = None
             try:
                 send({"type": "probe", "step": k, "probe": probe.name, "outputs": outputs,
                       "error": error})
