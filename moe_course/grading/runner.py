@@ -15,6 +15,7 @@ from torch import nn
 from .guard import ReferenceCalled, quiet, reference_guard
 from .probe import CheckFailure, Inputs, Outputs, Probe
 from .registry import EXERCISES, Exercise
+from .secret import course_secret, hidden_inputs
 
 
 def _implement_yourself(exercise: Exercise) -> CheckFailure:
@@ -110,7 +111,8 @@ def judge_probe(exercise: Exercise, probe: Probe, inputs: Inputs, outputs: Outpu
 def check(grade_id: str, obj: Any, *, hidden: bool = False) -> None:
     """Check the learner's `obj` against exercise `grade_id`; print one line on success.
 
-    `hidden=True` runs the hidden checks instead of the visible ones. On a failure raises
+    `hidden=True` runs the hidden checks instead of the visible ones, on inputs derived from
+    the course secret when there is one (`secret.course_secret`). On a failure raises
     `CheckFailure` (an `AssertionError`) whose message names the likely mistake; in Jupyter
     it shows without a traceback.
     """
@@ -120,8 +122,9 @@ def check(grade_id: str, obj: Any, *, hidden: bool = False) -> None:
     if exercise.kind == "written":
         raise ValueError(f"{grade_id} is a written answer, graded by hand: it has no checks")
     probes = exercise.hidden if hidden else exercise.visible
+    secret = course_secret() if hidden else None
     for probe in probes:
-        inputs = probe.inputs()
+        inputs = hidden_inputs(grade_id, probe, secret) if hidden else probe.inputs()
         outputs = run_probe(exercise, probe, obj, inputs)
         judge_probe(exercise, probe, inputs, outputs)
     n = len(probes)
