@@ -1,7 +1,7 @@
 """`moe-course grade`: grade a class's notebooks with the pytest grader, write the gradebook.
 
     moe-course grade PATH... --out DIR [--jobs N] [--timeout S] [--memory MB]
-                     [--assignment NAME] [--shard K/N]
+                     [--assignment NAME] [--shard K/N] [--secret-file FILE]
     moe-course grade --merge DIR... --out DIR
 
 PATH is a submission notebook, a folder of them, or nbgrader's `submitted/` tree
@@ -22,6 +22,13 @@ pytest-xdist workers); this module finds the submissions, starts that run, and w
 
 Every file is written once, at the end, after every sandbox is gone, and atomically. The exit
 status is 0 when every submission was graded, whatever the scores.
+
+Hidden checks run on inputs derived from the course secret (`moe_course.grading.secret`):
+`--secret-file FILE`, else `$MOE_COURSE_SECRET`, else the file named by
+`$MOE_COURSE_SECRET_FILE`, else `./.moe_course_secret` (in the course directory, where
+nbgrader's config finds it too). Only this process reads it; learner code never gets it. The
+same secret gives nbgrader autograde the same inputs, hence the same points. Without one,
+the package's default inputs are used, which a learner can compute: the run says so.
 
 A class too big for one machine is sharded: run `--shard 1/4` ... `--shard 4/4` (each takes
 every 4th submission in sorted order) on four machines, then `--merge` their output folders.
@@ -46,6 +53,7 @@ from typing import Any
 
 from .registry import EXERCISES, Exercise, exercises_for
 from .sandbox import Cell, Limits
+from .secret import ENV, ENV_FILE, FILE_NAME, read_secret_file
 
 CSV_COLUMNS = ("student", "assignment", "exercise", "score", "max_score")
 NOTEBOOK_LIMIT = 64 << 20  # largest notebook file read (bytes); outputs make most of it
@@ -322,13 +330,18 @@ def _parser() -> argparse.ArgumentParser:
                                              "not say it")
     parser.add_argument("--shard", metavar="K/N", help="grade only every N-th submission, "
                                                        "starting at the K-th")
+    parser.add_argument("--secret-file", metavar="FILE",
+                        help="the course secret that hidden checks' inputs derive from "
+                             "(default: $MOE_COURSE_SECRET, $MOE_COURSE_SECRET_FILE, else "
+                             f"./{FILE_NAME} if it exists)")
     parser.add_argument("--merge", action="store_true",
                         help="merge the output folders PATH... of shards into --out")
     return parser
 
 
 def pytest_args(paths: Sequence[str | Path], out: str | Path, jobs: int, limits: Limits,
-                assignment: str | None, config_dir: str) -> list[str]:
+                assignment: str | None, config_dir: str, secret_file: str | None = None
+                ) -> list[str]:
     """The pytest command line of a grading run (without the leading `pytest`)."""
     ini = Path(config_dir) / "pytest.ini"
     ini.write_text("[pytest]\n")  # an empty config: no addopts, conftests or paths of others
@@ -338,6 +351,8 @@ def pytest_args(paths: Sequence[str | Path], out: str | Path, jobs: int, limits:
             "--grader-memory", str(limits.memory_mb)]
     if assignment:
         args += ["--grader-assignment", assignment]
+    if secret_file:
+        args += ["--grader-secret-file", secret_file]
     if jobs > 1:
         if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
             args += ["-p", "xdist.plugin"]  # otherwise it is loaded as installed
@@ -345,6 +360,25 @@ def pytest_args(paths: Sequence[str | Path], out: str | Path, jobs: int, limits:
     for path in paths:
         args += ["--submission", str(Path(path).resolve())]
     return args
+
+
+def secret_source(secret_file: str | None) -> tuple[str | None, str]:
+    """(file to pass to the plugin or None, what the run uses) for `--secret-file`; raises
+    ValueError when the secret named cannot be read or is empty."""
+    if secret_file is None and not os.environ.get(ENV, "").strip():
+        secret_file = os.environ.get(ENV_FILE, "").strip() or (
+            FILE_NAME if Path(FILE_NAME).is_file() else None)
+    if secret_file is not None:
+        try:
+            read_secret_file(secret_file)
+        except OSError as exc:
+            raise ValueError(f"cannot read the course secret {secret_file!r}: "
+                             f"{exc.strerror or exc}") from None
+        return str(Path(secret_file).resolve()), f"the course secret in {secret_file}"
+    if os.environ.get(ENV, "").strip():
+        return None, f"the course secret in ${ENV}"
+    return None, (f"no course secret (--secret-file, ${ENV}, ${ENV_FILE} or ./{FILE_NAME}): "
+                  "the package's default inputs, which learners can compute in advance")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -364,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.jobs > 1 and importlib.util.find_spec("xdist") is None:
             raise ValueError("--jobs > 1 needs pytest-xdist: pip install pytest-xdist")
         limits = Limits(timeout=args.timeout, memory_mb=args.memory)
+        secret_file, secret_said = secret_source(args.secret_file)
         subs = find_submissions(args.paths, args.assignment)
         if args.shard:
             subs = shard(subs, args.shard)
@@ -376,9 +411,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import pytest
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    print(f"hidden checks: {secret_said}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="moe-grade-config-") as config_dir:
         code = pytest.main(pytest_args([s.path for s in subs], args.out, min(args.jobs,
-                                       len(subs)), limits, args.assignment, config_dir))
+                                       len(subs)), limits, args.assignment, config_dir,
+                                       secret_file))
     try:
         report = json.loads((Path(args.out) / "grades.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):

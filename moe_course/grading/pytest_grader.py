@@ -36,18 +36,30 @@ from .probe import CheckFailure
 from .registry import Exercise
 from .runner import judge_probe
 from .sandbox import Limits, SandboxRun, run_sandboxed
+from .secret import course_secret, hidden_inputs, read_secret_file
 
 PROPERTY = "moe_course_grade"  # user_properties key of an item's result (a JSON string)
 _EXERCISE_KEYS = ("exercise", "symbol", "score", "max_score", "status", "checks", "worker")
 
 _INPUTS: dict[tuple[str, str], Any] = {}  # probe inputs, made once per process
+_SECRET: list[bytes | None] = [None]  # the course secret of this run (this process only)
+
+
+def use_secret(secret: bytes | None) -> None:
+    """Derive hidden probes' inputs from `secret` from now on (None: the package's seeds)."""
+    if secret != _SECRET[0]:
+        _SECRET[0] = secret
+        _INPUTS.clear()
 
 
 def probe_inputs(exercise: Exercise, probe: Any) -> Any:
-    """The inputs of `probe`, computed once per process (they are seeded and deterministic)."""
+    """The inputs of `probe`, computed once per process (seeded and deterministic); a hidden
+    probe's derive from the course secret when the run has one (`secret.hidden_inputs`)."""
     key = (exercise.grade_id, probe.name)
     if key not in _INPUTS:
-        _INPUTS[key] = probe.inputs()
+        hidden = any(p is probe for p in exercise.hidden)
+        _INPUTS[key] = (hidden_inputs(exercise.grade_id, probe, _SECRET[0]) if hidden
+                        else probe.inputs())
     return _INPUTS[key]
 
 
@@ -269,7 +281,9 @@ class GraderSession:
                 {"exercise": ex.grade_id, "max_score": float(ex.points)}
                 for ex in sub.exercises if ex.kind == "written"]})
         limits = {"timeout": self.limits.timeout, "memory_mb": self.limits.memory_mb}
-        write_gradebook(out, graded, extra={"limits": limits})
+        write_gradebook(out, graded, extra={
+            "limits": limits,
+            "hidden_inputs": "course secret" if _SECRET[0] else "package defaults"})
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -286,8 +300,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="address-space limit of the learner's process")
     group.addoption("--grader-assignment", default=None, metavar="NAME",
                     help="the assignment of notebooks whose path does not say it")
+    group.addoption("--grader-secret-file", default=None, metavar="FILE",
+                    help="the course secret that hidden checks' inputs derive from (default: "
+                         "$MOE_COURSE_SECRET or the file named by $MOE_COURSE_SECRET_FILE)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("submission"):
+        path = config.getoption("grader_secret_file")
+        try:
+            use_secret(read_secret_file(path) if path else course_secret())
+        except (OSError, ValueError) as exc:
+            raise pytest.UsageError(f"course secret: {exc}") from None
         config.pluginmanager.register(GraderSession(config), "moe_course_grader")
