@@ -212,3 +212,40 @@ def test_each_bypass_scores_zero_under_nbgrader_autograde(tmp_path: Path) -> Non
         assert scores is not None, student
         for grade_id in pack:
             assert scores[grade_id] == 0, (student, grade_id, scores)
+
+
+LOOK_FOR_INPUTS = """
+import gc, sys
+frames, f = [], sys._getframe()
+while f is not None:
+    frames.append(f)
+    f = f.f_back
+held = [name for f in frames for name, v in f.f_locals.items()
+        if isinstance(v, dict) and any("::" in str(k) for k in list(v)[:50])]
+job = next((f.f_locals["job"] for f in frames if "job" in f.f_locals), {})
+keys = [k for o in gc.get_objects() if isinstance(o, dict)
+        for k in list(o)[:50] if isinstance(k, str) and k.startswith("ex01_softmax_gate::")]
+assert not held and "inputs" not in job and not keys, (held, sorted(job), keys[:3])
+"""
+
+
+def test_the_sandbox_gets_a_probes_inputs_only_when_it_runs() -> None:
+    """No probe inputs in the worker before its probes: not in the job, not in any frame,
+    not anywhere gc can find them; the probes still run and pass."""
+    from test_grader import solution_sources
+
+    from moe_course.grading.pytest_grader import probe_inputs
+    from moe_course.grading.runner import judge_probe
+    from moe_course.grading.sandbox import Cell, Limits, run_sandboxed
+
+    exercise = EXERCISES["ex01_softmax_gate"]
+    cells = [Cell(0, "import torch"), Cell(1, LOOK_FOR_INPUTS),
+             Cell(2, solution_sources("01_experts_and_gating")["ex01_softmax_gate"],
+                  "ex01_softmax_gate"),
+             Cell(3, "", "ex01_softmax_gate_tests", tests=True)]
+    run = run_sandboxed(cells, [exercise], Limits(timeout=30), probe_inputs)
+    assert run.cell_errors == {}, run.cell_errors
+    for probe in exercise.visible + exercise.hidden:
+        outcome = run.probes[exercise.grade_id][probe.name]
+        assert outcome.error is None, outcome.error
+        judge_probe(exercise, probe, probe_inputs(exercise, probe), outcome.outputs)

@@ -355,8 +355,14 @@ def reference_guard(*references: Any) -> Iterator[GuardState]:
     _KEEP.clear()
     if outermost:
         _install()
-    elif _getprofile() is not _profile and not _OUTER.get("raised"):
-        _tamper("removing the grader's profiler")
+    elif _getprofile() is not _profile:
+        if not _OUTER.pop("raised", False):
+            _tamper("removing the grader's profiler")
+        _OWN[0] += 1
+        try:  # CPython removed it after it raised ReferenceCalled: watch this block too
+            _setprofile(_profile)
+        finally:
+            _OWN[0] -= 1
     try:
         yield state
     finally:

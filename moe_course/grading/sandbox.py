@@ -452,17 +452,18 @@ class _Worker:
             else None
 
     @classmethod
-    def start(cls, job: int, log: int, result: int, folder: str) -> _Worker:
+    def start(cls, job: int, log: int, result: int, inputs: int, folder: str) -> _Worker:
         env = sandbox_env(folder)
         zygote = Zygote.get()
         if zygote is not None:
             try:
-                return cls(zygote.spawn((job, log, result), folder, env), None, zygote)
+                return cls(zygote.spawn((job, log, result, inputs), folder, env), None, zygote)
             except OSError:
                 pass
         proc = subprocess.Popen(
-            [sys.executable, "-s", "-B", "-m", WORKER, str(result)], stdin=job, stdout=log,
-            stderr=log, pass_fds=(result,), cwd=folder, env=env, start_new_session=True)
+            [sys.executable, "-s", "-B", "-m", WORKER, str(result), str(inputs)], stdin=job,
+            stdout=log, stderr=log, pass_fds=(result, inputs), cwd=folder, env=env,
+            start_new_session=True)
         return cls(proc.pid, proc, None)
 
     def waitable(self) -> int | None:
@@ -504,6 +505,29 @@ class _Attempt:
         self.culprit: int | None = None  # the step blamed for ending the run early
         self.reason = ""
         self.failure: str | None = None
+        self.inputs_fd = -1  # our end of the pipe that carries probe inputs to the worker
+        self.pending = bytearray()  # inputs asked for and not yet written
+        self.requested: set[str] = set()  # probes whose inputs were sent ("grade_id::name")
+
+    def _send_inputs(self) -> None:
+        try:
+            del self.pending[:os.write(self.inputs_fd, self.pending)]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:  # the worker is gone; its exit is handled by _follow
+            self.pending.clear()
+
+    def _ask(self, k: int, message: dict[str, Any]) -> None:
+        """The worker asks for a probe's inputs: only the step's own, each once."""
+        step = self.steps[k]
+        key = f"{step.get('grade_id')}::{message.get('probe')}"
+        if step["kind"] != "probe" or key not in self.inputs or key in self.requested:
+            raise _Violation("inputs asked for out of turn")
+        self.requested.add(key)
+        buffer = io.BytesIO()
+        torch.save(self.inputs[key], buffer)
+        self.pending += FRAME_HEADER.pack(len(buffer.getvalue())) + buffer.getvalue()
+        self._send_inputs()
 
     def run(self) -> None:
         _set_subreaper()
@@ -518,7 +542,7 @@ class _Attempt:
     def _job(self, folder: str) -> dict[str, Any]:
         n_steps = len(self.order) + 1
         return {"nonce": self.nonce, "folder": folder, "steps": self.steps,
-                "run": self.order, "inputs": self.inputs,
+                "run": self.order,
                 "assignment": next(iter(self.exercises.values())).assignment,
                 "limits": {"memory_mb": self.limits.memory_mb, "file_mb": self.limits.file_mb,
                            "cpu_s": int(self.limits.timeout * n_steps + STARTUP_S),
@@ -528,15 +552,19 @@ class _Attempt:
         job_path, log_path = os.path.join(private, "job.pt"), os.path.join(private, "log")
         torch.save(self._job(folder), job_path)
         read_fd, write_fd = os.pipe()
+        inputs_read, self.inputs_fd = os.pipe()  # probe inputs, sent when asked for
         with open(job_path, "rb") as job, open(log_path, "wb") as log:
             try:
-                worker = _Worker.start(job.fileno(), log.fileno(), write_fd, folder)
+                worker = _Worker.start(job.fileno(), log.fileno(), write_fd, inputs_read,
+                                       folder)
             finally:
                 os.close(write_fd)
+                os.close(inputs_read)
         try:
             self._follow(worker, read_fd)
         finally:
             os.close(read_fd)
+            os.close(self.inputs_fd)
             _sweep(worker.pid, worker.parents())
             worker.exited(5.0)
             worker.close()
@@ -554,12 +582,16 @@ class _Attempt:
         deadline = time.monotonic() + max(STARTUP_S, limits.timeout)
         hard_stop = deadline + limits.timeout * (len(queue) + 1)
         os.set_blocking(read_fd, False)
+        os.set_blocking(self.inputs_fd, False)
         try:
             while not ended:
                 wait = max(0.0, min(deadline, hard_stop) - time.monotonic())
                 waitable = worker.waitable()
                 fds = ([] if eof else [read_fd]) + ([waitable] if waitable is not None else [])
-                readable, _, _ = select.select(fds, [], [], min(wait, 0.25))
+                sending = [self.inputs_fd] if self.pending else []
+                readable, writable, _ = select.select(fds, sending, [], min(wait, 0.25))
+                if writable:
+                    self._send_inputs()
                 chunk = b""
                 if read_fd in readable:
                     try:
@@ -596,6 +628,8 @@ class _Attempt:
                         ended = True
                     elif current is None or message.get("step") != current:
                         raise _Violation(f"a {kind!r} frame outside its step")
+                    elif kind == "inputs":
+                        self._ask(current, message)
                     elif self._record(current, kind, message, seen, interrupted):
                         current = None
                     if kind in ("ready", "start") or current is None:
@@ -652,6 +686,10 @@ class _Attempt:
         if kind == "done":
             if len(seen) != len(names):
                 raise _Violation("a check step done before all its checks")
+            tripped = message.get("tripped")
+            if tripped is not None:  # the exercise's guard saw it run the reference
+                for outcome in self.probes.get(exercise.grade_id, {}).values():
+                    outcome.outputs, outcome.error = None, str(tripped)[:1000]
             return True
         name = message.get("probe")
         if kind != "probe" or name not in names or name in seen:

@@ -7,8 +7,9 @@ and the grader once and never runs learner code), or spawned as ``python -m
 moe_course.grading.sandbox_worker FD``. The worker (`main`)
 
 1. reads its job from stdin with `torch.load(weights_only=True)`: the notebook's code cells,
-   where each exercise is checked (at its tests cell), the probe inputs that the trusted
-   process made and the resource limits, which it sets (`apply_limits`);
+   where each exercise is checked (at its tests cell) and the resource limits, which it
+   sets (`apply_limits`). Not the probes' inputs: at a probe, inside the exercise's guard,
+   it asks for that probe's inputs (an "inputs" frame) and reads them from INPUTS_FD;
 2. takes the assignment's exercises from the registry (the references are left untouched:
    `run_probe`'s `guard.reference_guard` trips on any *execution* of the exercise's
    reference code while its probes run, however the learner reached it);
@@ -329,9 +330,9 @@ class _Interrupted(BaseException):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``python -m moe_course.grading.sandbox_worker RESULT_FD``."""
+    """Entry point: ``python -m moe_course.grading.sandbox_worker RESULT_FD INPUTS_FD``."""
     argv = sys.argv[1:] if argv is None else argv
-    out_fd = int(argv[0])
+    out_fd, in_fd = int(argv[0]), int(argv[1])
     write, exit_now = os.write, os._exit
     import torch
 
@@ -361,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    from .guard import reference_guard
     from .registry import exercises_for
     from .runner import run_probe
 
@@ -382,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     send({"type": "ready", "walls": walls})
     sys.stdout, sys.stderr = _Sink(1), _Sink(2)
     ns = _namespace()
-    steps, inputs, cell_errors = job["steps"], job["inputs"], {}
+    steps, cell_errors = job["steps"], {}
     for k in job["run"]:
         step = steps[k]
         send({"type": "start", "step": k})
@@ -404,35 +406,69 @@ def main(argv: list[str] | None = None) -> None:
         exercise = exercises[step["grade_id"]]
         obj = ns.get(exercise.symbol, _MISSING)
         skip_rest = None
-        for probe in probes[exercise.grade_id]:
-            outputs, error = None, skip_rest
-            if error is None and obj is _MISSING:
-                error = _missing(exercise, cell_errors.get(exercise.grade_id))
-            elif error is None:
-                in_learner[0] = True
+        # The whole step runs under the exercise's guard, and each probe's inputs arrive
+        # only inside it, on request (`_probe_inputs`): learner code never holds them while
+        # the reference may run, in this thread or any other.
+        with reference_guard(*exercise.references) as step_guard:
+            for probe in probes[exercise.grade_id]:
+                outputs, error = None, skip_rest
+                if error is None and obj is _MISSING:
+                    error = _missing(exercise, cell_errors.get(exercise.grade_id))
+                elif error is None:
+                    in_learner[0] = True
+                    try:
+                        inputs = _probe_inputs(send, load, in_fd, k, probe.name)
+                        outputs = run_probe(exercise, probe, obj, inputs)
+                    except KeyboardInterrupt:
+                        error = "interrupted: it ran past the grader's time limit"
+                        skip_rest = "not run: an earlier check ran past the time limit"
+                    except BaseException as exc:  # noqa: B036 -- CheckFailure, SystemExit
+                        error = _probe_error(exercise, exc)
+                    finally:
+                        in_learner[0] = False
                 try:
-                    outputs = run_probe(exercise, probe, obj, inputs[f"{exercise.grade_id}::"
-                                                                     f"{probe.name}"])
-                except KeyboardInterrupt:
-                    error = "interrupted: it ran past the grader's time limit"
-                    skip_rest = "not run: an earlier check ran past the time limit"
-                except BaseException as exc:  # noqa: B036 -- CheckFailure, SystemExit, ...
-                    error = _probe_error(exercise, exc)
-                finally:
-                    in_learner[0] = False
-            try:
-                send({"type": "probe", "step": k, "probe": probe.name, "outputs": outputs,
-                      "error": error})
-            except Exception as exc:  # outputs that torch.save cannot write
-                send({"type": "probe", "step": k, "probe": probe.name, "outputs": None,
-                      "error": f"its result could not be sent to the grader "
-                               f"({describe_exception(exc)})"})
-        send({"type": "done", "step": k})
+                    send({"type": "probe", "step": k, "probe": probe.name,
+                          "outputs": outputs, "error": error})
+                except Exception as exc:  # outputs that torch.save cannot write
+                    send({"type": "probe", "step": k, "probe": probe.name, "outputs": None,
+                          "error": f"its result could not be sent to the grader "
+                                   f"({describe_exception(exc)})"})
+        tripped = None
+        if step_guard.tampering:
+            tripped = (f"your {exercise.symbol} tampered with the grader's guard while its "
+                       f"checks ran: {step_guard.tampering[0]}")
+        elif step_guard.calls:
+            tripped = (f"your {exercise.symbol} uses moe_course's own {exercise.symbol} (in "
+                       "another thread): implement it yourself")
+        send({"type": "done", "step": k, "tripped": tripped})
     send({"type": "end"})
     exit_now(0)
 
 
 _MISSING = object()
+
+
+def _probe_inputs(send: Callable[[dict[str, Any]], None], load: Callable[..., Any], in_fd: int,
+                  step: int, name: str) -> Any:
+    """Ask the grader for probe `name`'s inputs and read them (a frame on `in_fd`)."""
+    send({"type": "inputs", "step": step, "probe": name})
+    header = _read_exactly(in_fd, FRAME_HEADER.size)
+    (size,) = FRAME_HEADER.unpack(header)
+    return load(io.BytesIO(_read_exactly(in_fd, size)), weights_only=True)
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        try:
+            chunk = os.read(fd, left)
+        except InterruptedError:
+            continue
+        if not chunk:
+            raise EOFError("the grader closed the inputs pipe")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 # ----------------------------------------------------------------------------------------
@@ -454,9 +490,10 @@ def _child(sock: Any, fds: list[int], request: dict[str, Any]) -> None:
     try:
         sock.close()  # learner code must never reach the zygote's control socket
         os.setsid()
-        for target, fd in zip((0, 1, 2, 3), (fds[0], fds[1], fds[1], fds[2]), strict=True):
+        for target, fd in zip((0, 1, 2, 3, 4), (fds[0], fds[1], fds[1], fds[2], fds[3]),
+                              strict=True):
             os.dup2(fd, target)
-        os.closerange(4, 1 << 16)
+        os.closerange(5, 1 << 16)
         os.chdir(request["folder"])
         os.environ.clear()
         os.environ.update(request["env"])
@@ -465,7 +502,7 @@ def _child(sock: Any, fds: list[int], request: dict[str, Any]) -> None:
         tempfile.tempdir = None
         for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
-        main(["3"])
+        main(["3", "4"])
     finally:
         os._exit(70)
 
