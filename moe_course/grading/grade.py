@@ -334,6 +334,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="the course secret that hidden checks' inputs derive from "
                              "(default: $MOE_COURSE_SECRET, $MOE_COURSE_SECRET_FILE, else "
                              f"./{FILE_NAME} if it exists)")
+    parser.add_argument("--similarity", action="store_true",
+                        help="also write the similarity report (similarity.md, .csv, .json) "
+                             "to --out: near-identical answers, for review; scores unchanged")
     parser.add_argument("--merge", action="store_true",
                         help="merge the output folders PATH... of shards into --out")
     return parser
@@ -429,4 +432,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"wrote {Path(args.out) / 'grades.csv'}")
     for error in report.get("errors", []):
         print(f"not graded: {error}", file=sys.stderr)
+    if args.similarity:
+        from .autograde import similarity
+
+        rows = similarity.run(args.paths, args.out, assignment=args.assignment)
+        print(f"similarity: {len(rows)} flagged; wrote {Path(args.out) / 'similarity.md'}")
     return 0 if report["complete"] else 1

@@ -1,0 +1,1 @@
+"""The pytest grader's own layer (see shared/DESIGN.md, "Grading package layout")."""
