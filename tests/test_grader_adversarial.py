@@ -160,7 +160,7 @@ CASES = [
          {S: "import types\nimport moe_course.gating\n_ref = moe_course.gating.softmax_gate\n"
              "_copy = types.FunctionType(_ref.__code__, _ref.__globals__, 'softmax_gate')\n\n"
              "def softmax_gate(x, w_gate):\n    return _copy(x, w_gate)\n"},
-         (2, 0, 2), (2, 1, 2)),
+         (2, 0, 2), (2, 0, 2)),
     Case("victim", "control: the solution, which writes_gradebook tries to overwrite", {},
          (2, 1, 2), (0, 0, 0)),
 ]
