@@ -170,10 +170,25 @@ def sparse_moe(x, experts, weights, indices):
         time.sleep(0.001)
     return box[0]
 """),
+    # last: a foreign audit hook fails every later check of the process, by design
+    ("an audit hook that runs the reference", "ex01_dense_moe", """
+import sys
+import moe_course.routing as _r
+_seen = []
+def _hook(event, args):
+    if _seen and _seen[-1] is None:
+        _seen[-1] = _r.dense_moe(*_seen.pop(-2))
+sys.addaudithook(_hook)
+def dense_moe(x, experts, w_gate):
+    _seen.extend([(x, experts, w_gate), None])
+    sys.audit("anything")
+    return _seen.pop()
+"""),
 ]
 
 # Which tampering each case is (the others must fail with "implement it yourself").
-TAMPERING = {"sys.setprofile(None)", "profiler cleared through ctypes"}
+TAMPERING = {"sys.setprofile(None)", "profiler cleared through ctypes",
+             "an audit hook that runs the reference"}
 
 
 def by_assignment(prefix: str) -> list[dict[str, str]]:

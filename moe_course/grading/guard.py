@@ -21,9 +21,13 @@
   Tampering fails the check with a message that names it: changing the profiler
   (`sys.setprofile` or CPython's C entry points, which raise the same audit event), raw
   memory access through `ctypes` (`from_address`, foreign calls), or starting a process
-  (which the profiler cannot follow) while the guard is active; and a profiler found
-  missing at the end. These are seen by an audit hook (PEP 578) installed when this module
-  is imported; audit hooks cannot be removed.
+  (which the profiler cannot follow) while the guard is active; a profiler found
+  missing at the end; and, for every later check, an audit hook added by code other than
+  the grader's (reading a frame's code raises an audit event, so such a hook would run
+  inside the profiler, where nothing is watched). These are seen by an audit hook (PEP 578)
+  installed when this module is imported; audit hooks cannot be removed. A hook added
+  before this module was imported is not seen: the sandbox imports it first, a notebook
+  kernel when its first cell imports `check`.
 - `quiet()`: no warnings and nothing on stderr while a check runs (nbgrader scores a tests
   cell that writes to stderr as failed), and the global RNG restored afterwards.
 """
@@ -81,6 +85,7 @@ _SEEN: dict[int, bytes] = {}  # id(code) -> its fingerprint if it is guarded, el
 _KEEP: list[types.CodeType] = []  # the codes in _SEEN, alive so that no id is reused
 _OWN = [0]  # > 0 while this module itself changes profilers or calls ctypes
 _OUTER: dict[str, Any] = {}  # the outermost guard's thread and the profiler it replaced
+_FOREIGN_HOOKS: list[str] = []  # audit hooks added by code other than the grader's
 
 
 # ----------------------------------------------------------------------------------------
@@ -280,7 +285,43 @@ def _profile_other_threads(on: bool = True) -> None:
         _OWN[0] -= 1
 
 
+def _grader_code(code: Any) -> bool:
+    """Whether `code` belongs to the grader's own modules: a function, a method of a class
+    or a function nested in one (by identity: a file or module name can be forged, a code
+    object cannot)."""
+    def codes(value: Any) -> Iterator[types.CodeType]:
+        if isinstance(value, type):
+            for member in list(vars(value).values()):
+                if not isinstance(member, type):
+                    yield from codes(member)
+            return
+        for fn in _functions(value) if not isinstance(value, types.ModuleType) else ():
+            stack = [fn.__code__]
+            while stack:
+                found = stack.pop()
+                yield found
+                stack += [c for c in found.co_consts if isinstance(c, types.CodeType)]
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("moe_course.grading") and module is not None:
+            for value in list(vars(module).values()):
+                try:
+                    if any(found is code for found in codes(value)):
+                        return True
+                except Exception:  # noqa: S112 -- an odd global: not the caller
+                    continue
+    return False
+
+
 def _audit(event: str, args: tuple) -> None:
+    if event == "sys.addaudithook":
+        # A hook added by learner code would run inside this module's profiler (reading a
+        # frame's code raises an audit event), where nothing is profiled: so it fails every
+        # later check, with a message saying why.
+        caller = sys._getframe(1)
+        if not _grader_code(caller.f_code):
+            _FOREIGN_HOOKS.append(f"{caller.f_code.co_filename}:{caller.f_lineno}")
+        return
     if not _ACTIVE or _OWN[0]:
         return
     what = None
@@ -344,6 +385,9 @@ def reference_guard(*references: Any) -> Iterator[GuardState]:
     code records the call.
     """
     state = GuardState(codes=reference_codes(references))
+    if _FOREIGN_HOOKS:
+        state.tampering.append(f"adding an audit hook (sys.addaudithook, at "
+                               f"{_FOREIGN_HOOKS[0]}), which would run unwatched")
     outermost = not _ACTIVE
     if not outermost and _OUTER.get("thread") != _get_ident():
         raise RuntimeError("reference_guard: guards nest only in the thread of the outermost")
