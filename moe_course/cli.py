@@ -56,8 +56,23 @@ def _ensure_chromium() -> None:
               file=sys.stderr)
 
 
+def _ensure_npm() -> None:
+    """tests/test_jupyterhub.py installs configurable-http-proxy with npm: get node and npm."""
+    if shutil.which("npm"):
+        return
+    apt = shutil.which("apt-get")
+    if apt and hasattr(os, "geteuid") and os.geteuid() == 0:
+        print("npm is missing: installing nodejs and npm with apt-get (for the JupyterHub test)")
+        subprocess.run([apt, "update", "-qq"], check=False)
+        subprocess.run([apt, "install", "-y", "-qq", "nodejs", "npm"], check=True)
+    else:
+        print("warning: npm is missing; tests/test_jupyterhub.py will be skipped until you "
+              "run `sudo apt-get install -y nodejs npm`", file=sys.stderr)
+
+
 def _test(args: argparse.Namespace) -> int:
     _ensure_chromium()
+    _ensure_npm()
     root = course_root()
     extra = list(args.pytest_args)
     if not any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in extra):

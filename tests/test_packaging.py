@@ -79,6 +79,7 @@ def test_lab_and_test_pass_their_options_on(monkeypatch) -> None:
     calls: list[list[str]] = []
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
     monkeypatch.setattr(cli, "_ensure_chromium", lambda: None)
+    monkeypatch.setattr(cli, "_ensure_npm", lambda: None)
     assert cli.main(["lab", "--no-browser", "--port=9999"]) == 0
     assert calls[-1][-2:] == ["--no-browser", "--port=9999"] or "--port=9999" in calls[-1]
     assert str(ROOT / "notebooks") in calls[-1]

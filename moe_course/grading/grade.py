@@ -1,7 +1,8 @@
 """`moe-course grade`: grade a class's notebooks with the pytest grader, write the gradebook.
 
     moe-course grade PATH... --out DIR [--jobs N] [--timeout S] [--memory MB]
-                     [--assignment NAME] [--shard K/N] [--secret-file FILE]
+                     [--assignment NAME] [--shard K/N | --shard auto [--shard-count N]]
+                     [--secret-file FILE] [--similarity]
     moe-course grade --merge DIR... --out DIR
 
 PATH is a submission notebook, a folder of them, or nbgrader's `submitted/` tree
@@ -32,6 +33,10 @@ the package's default inputs are used, which a learner can compute: the run says
 
 A class too big for one machine is sharded: run `--shard 1/4` ... `--shard 4/4` (each takes
 every 4th submission in sorted order) on four machines, then `--merge` their output folders.
+`--shard auto` reads K and N from the batch system: a Kubernetes Indexed Job
+(`JOB_COMPLETION_INDEX`, with N from `--shard-count` or `MOE_COURSE_SHARD_COUNT`) or a Slurm
+job array (`SLURM_ARRAY_TASK_ID`, `SLURM_ARRAY_TASK_COUNT`, `SLURM_ARRAY_TASK_MIN`); see
+docs/examples/grade-indexed-job.yaml and docs/examples/grade.sbatch.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import re
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,6 +197,69 @@ def shard(submissions: Sequence[Submission], spec: str) -> list[Submission]:
     return [s for i, s in enumerate(submissions) if i % n == k - 1]
 
 
+SHARD_COUNT_ENV = "MOE_COURSE_SHARD_COUNT"
+
+
+def _env_int(environ: Mapping[str, str], name: str, minimum: int) -> int:
+    value = environ.get(name)
+    if value is None or not re.fullmatch(r"\d+", value.strip()) or int(value) < minimum:
+        raise ValueError(f"--shard auto: {name} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def resolve_shard(spec: str, count: int | None = None,
+                  environ: Mapping[str, str] | None = None) -> str:
+    """The "K/N" of `--shard spec`: as given, or, for "auto", from the batch system.
+
+    A Kubernetes Indexed Job sets JOB_COMPLETION_INDEX (0 .. N-1); N comes from `count`
+    (`--shard-count`) or MOE_COURSE_SHARD_COUNT. A Slurm array sets SLURM_ARRAY_TASK_ID,
+    SLURM_ARRAY_TASK_COUNT and SLURM_ARRAY_TASK_MIN (an array may start at any index, and
+    SLURM_ARRAY_TASK_STEP may be above 1).
+
+    >>> resolve_shard("auto", 4, {"JOB_COMPLETION_INDEX": "0"})
+    '1/4'
+    >>> resolve_shard("auto", environ={"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "10",
+    ...                                "SLURM_ARRAY_TASK_COUNT": "3"})
+    '3/3'
+    >>> resolve_shard("auto", environ={})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: --shard auto: neither JOB_COMPLETION_INDEX ... nor SLURM_ARRAY_TASK_ID ...
+    """
+    if spec != "auto":
+        if count is not None:
+            raise ValueError(f"--shard-count goes with --shard auto; got --shard {spec!r}")
+        return spec
+    env = os.environ if environ is None else environ
+    if "JOB_COMPLETION_INDEX" in env:
+        index = _env_int(env, "JOB_COMPLETION_INDEX", 0)
+        if count is None:
+            if SHARD_COUNT_ENV not in env:
+                raise ValueError("--shard auto in a Kubernetes Indexed Job needs the number of "
+                                 f"shards: --shard-count N or {SHARD_COUNT_ENV} (the Job's "
+                                 "spec.completions)")
+            count = _env_int(env, SHARD_COUNT_ENV, 1)
+        if count < 1 or index >= count:
+            raise ValueError(f"--shard auto: JOB_COMPLETION_INDEX={index} needs a shard count "
+                             f"above it; got {count}")
+        return f"{index + 1}/{count}"
+    if "SLURM_ARRAY_TASK_ID" in env:
+        if count is not None:
+            raise ValueError("--shard-count is for Kubernetes; a Slurm array says its size in "
+                             "SLURM_ARRAY_TASK_COUNT")
+        task = _env_int(env, "SLURM_ARRAY_TASK_ID", 0)
+        total = _env_int(env, "SLURM_ARRAY_TASK_COUNT", 1)
+        low = _env_int(env, "SLURM_ARRAY_TASK_MIN", 0) if "SLURM_ARRAY_TASK_MIN" in env else 0
+        step = _env_int(env, "SLURM_ARRAY_TASK_STEP", 1) if "SLURM_ARRAY_TASK_STEP" in env else 1
+        if task < low or (task - low) % step or (task - low) // step >= total:
+            raise ValueError(f"--shard auto: SLURM_ARRAY_TASK_ID={task} is not one of the "
+                             f"{total} tasks {low}, {low + step}, ... of this array; submit it "
+                             "as --array=MIN-MAX[:STEP]")
+        return f"{(task - low) // step + 1}/{total}"
+    raise ValueError("--shard auto: neither JOB_COMPLETION_INDEX (a Kubernetes Indexed Job) nor "
+                     "SLURM_ARRAY_TASK_ID (a Slurm job array) is set; give --shard K/N instead")
+
+
 # ----------------------------------------------------------------------------------------
 # The gradebook: grades.csv, grades.json and feedback, from the per-exercise results.
 
@@ -329,7 +397,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--assignment", help="the assignment of notebooks whose path does "
                                              "not say it")
     parser.add_argument("--shard", metavar="K/N", help="grade only every N-th submission, "
-                                                       "starting at the K-th")
+                                                       "starting at the K-th; `auto`: K and N "
+                                                       "from a Kubernetes Indexed Job or a "
+                                                       "Slurm array")
+    parser.add_argument("--shard-count", type=int, metavar="N",
+                        help=f"with --shard auto in a Kubernetes Indexed Job: the number of "
+                             f"shards (default: ${SHARD_COUNT_ENV})")
     parser.add_argument("--secret-file", metavar="FILE",
                         help="the course secret that hidden checks' inputs derive from "
                              "(default: $MOE_COURSE_SECRET, $MOE_COURSE_SECRET_FILE, else "
@@ -404,7 +477,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         secret_file, secret_said = secret_source(args.secret_file)
         subs = find_submissions(args.paths, args.assignment)
         if args.shard:
-            subs = shard(subs, args.shard)
+            subs = shard(subs, resolve_shard(args.shard, args.shard_count))
+        elif args.shard_count is not None:
+            raise ValueError("--shard-count goes with --shard auto")
     except ValueError as exc:
         print(f"moe-course grade: {exc}", file=sys.stderr)
         return 2
