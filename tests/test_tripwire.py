@@ -66,8 +66,9 @@ print(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
-def in_kernel() -> dict[str, list[str]]:
-    done = subprocess.run([sys.executable, "-c", IN_KERNEL, json.dumps(CASES)], cwd=ROOT,
+def in_kernel(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+    cwd = tmp_path_factory.mktemp("in-kernel")  # some cases write files where they run
+    done = subprocess.run([sys.executable, "-c", IN_KERNEL, json.dumps(CASES)], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
