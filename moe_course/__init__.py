@@ -10,9 +10,10 @@ Shape legend, used in names, docstrings and `# (..)` comments everywhere:
 Tokens are rows: `x` is `(T, D)`; router logits are `(T, E)`. "experts" is a sequence
 (list or `nn.ModuleList`) of `E` modules mapping `(n, D) -> (n, D)`.
 
-One concept per module: `experts`, `gating`, `routing`, `capacity`, `expert_choice`,
-`losses`, `layers`; plus `data`, `train` and `widgets` for the notebooks and `grading` for
-the exercises.
+One concept per module, read top-down (CONTRIBUTING.md): `experts`, `gating`, `routing`,
+`capacity`, `expert_choice`, `losses`; then `routers` (the router table), `fused` and
+`layers`; plus `data`, `train` and `widgets` for the notebooks and `grading` for the
+exercises.
 """
 
 from .capacity import Capacity, apply_capacity, capacity_positions, expert_capacity

@@ -95,3 +95,61 @@ def apply_capacity(weights: Tensor, indices: Tensor, capacity: int) -> Capacity:
     n_experts = int(indices.max()) + 1 if indices.numel() else 1
     keep = capacity_positions(indices, n_experts) < capacity  # (T, K)
     return Capacity(torch.where(keep, weights, torch.zeros_like(weights)), keep)
+
+
+class Assignments(NamedTuple):
+    """The `T*K` token-to-expert assignments sorted by expert, GShard priority within one.
+
+    The `(T, K)` fields are in token order; `order` is the expert-major layout of the kept
+    assignments. Built by `group_by_expert`.
+    """
+
+    positions: Tensor  # (T, K) slot of each assignment in its expert's buffer
+    keep: Tensor  # (T, K) bool, positions < capacity
+    counts: Tensor  # (E,) kept assignments per expert
+    routed: Tensor  # (E,) all assignments per expert, before capacity (Switch f_e)
+    order: Tensor  # (M,) token-major ids t*K + j of the kept assignments, grouped by expert
+    tokens: Tensor  # (M,) the token of each of them, order // K
+
+
+def group_by_expert(indices: Tensor, n_experts: int, capacity: int | None = None) -> Assignments:
+    """Sort the assignments `indices` `(T, K)` by expert with one stable sort.
+
+    Within an expert the order is GShard's priority (arXiv 2006.16668, Algorithm 1): every
+    first choice in token order, then every second choice, ...; so `positions` equals
+    `capacity_positions(indices, E)` and, with a `capacity`, `keep` is `positions < C`
+    exactly as in `apply_capacity` (tests/test_capacity.py holds them equal). The fast
+    layers of `moe_course.layers` and `moe_course.fused` dispatch with it. `order` lists
+    the kept assignments as token-major flat ids `t*K + j`, expert by expert, `counts[e]`
+    of them for expert `e`.
+
+    >>> a = group_by_expert(torch.tensor([[0, 1], [0, 2], [1, 0]]), n_experts=3, capacity=2)
+    >>> a.positions
+    tensor([[0, 1],
+            [1, 0],
+            [0, 2]])
+    >>> a.order, a.counts
+    (tensor([0, 2, 4, 1, 3]), tensor([2, 2, 1]))
+    """
+    e = positive_int("n_experts", n_experts)
+    index_tensor("indices", indices, ndim=2, shape_hint="(T, K)", upper=e)
+    if capacity is not None:
+        capacity = positive_int("capacity", capacity, minimum=0)
+    t, k = indices.shape
+    n = t * k
+    by_rank = indices.long().t().reshape(-1)  # (K*T,) choice-major: all first choices first
+    expert_sorted, order = by_rank.sort(stable=True)  # (K*T,), (K*T,) choice-major ids
+    routed = torch.bincount(by_rank, minlength=e)  # (E,)
+    starts = routed.cumsum(0) - routed  # (E,) first sorted row of each expert
+    pos_sorted = torch.arange(n, device=indices.device) - starts[expert_sorted]  # (K*T,)
+    positions = torch.empty_like(pos_sorted).index_copy_(0, order, pos_sorted)  # (K*T,)
+    positions = positions.reshape(k, t).t()  # (T, K)
+    tokens = order % t  # (K*T,) choice-major id j*T + t -> its token t
+    token_major = (tokens * k).add_(order // t)  # (K*T,) -> token-major id t*K + j
+    if capacity is None or capacity >= n:
+        return Assignments(positions, torch.ones_like(positions, dtype=torch.bool), routed,
+                           routed, token_major, tokens)
+    kept = pos_sorted < capacity  # (K*T,)
+    counts = routed.clamp(max=capacity)  # (E,)
+    return Assignments(positions, positions < capacity, counts, routed, token_major[kept],
+                       tokens[kept])

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,9 +69,6 @@ class SwiGLUExpert(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-EXPERT_KINDS = ("gelu", "swiglu")
-
-
 # torch's grouped matmul (`torch.nn.functional.grouped_mm`, earlier `torch._grouped_mm`): on
 # CPU one C++ loop of `mm` over the groups, which saves the Python loop's per-call overhead.
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -87,6 +86,7 @@ class _Groups:
     def __init__(self, counts: list[int], ref: Tensor, count_tensor: Tensor | None = None
                  ) -> None:
         self.counts, self.ref = counts, ref
+        self.n_groups = len(counts)
         self.starts = [0] * len(counts)
         for e in range(1, len(counts)):
             self.starts[e] = self.starts[e - 1] + counts[e - 1]
@@ -129,21 +129,24 @@ class _Groups:
                         out=out[rows])
         return out
 
-    def wgrad(self, a: Tensor, g: Tensor, n_groups: int) -> Tensor:
-        """`a_e.T @ g_e` for every group, `(M, I), (M, O) -> (E, I, O)`, 0 for empty ones."""
+    def wgrad(self, a: Tensor, g: Tensor, i: int = 0) -> Tensor:
+        """`a_e.T @ g_e` for every group, `(M, I), (M, O) -> (E, I, O)`, 0 for empty ones.
+
+        `i`, the parameter's place in its kind's row, is unused here (a one-expert block of
+        `fused` writes into the `i`-th gradient with it)."""
         if self._grouped(a.shape[1], g.shape[1]):
             return _GROUPED_MM(a.t(), g, offs=self.offs)
-        out = a.new_zeros(n_groups, a.shape[1], g.shape[1])
+        out = a.new_zeros(self.n_groups, a.shape[1], g.shape[1])
         for e, rows in self._slices():
             torch.mm(a[rows].t(), g[rows], out=out[e])
         return out
 
-    def bgrad(self, g: Tensor, n_groups: int) -> Tensor:
-        """Column sums of every group: `(M, O) -> (E, O)`, 0 for empty groups."""
+    def bgrad(self, g: Tensor, i: int = 0) -> Tensor:
+        """Column sums of every group: `(M, O) -> (E, O)`, 0 for empty groups (`i`: unused)."""
         if self._grouped(4, g.shape[1]):  # ones (4, M) @ g per group: four copies of the sums
             ones = g.new_ones(g.shape[0], 4)
             return _GROUPED_MM(ones.t(), g, offs=self.offs)[:, 0]
-        out = g.new_zeros(n_groups, g.shape[1])
+        out = g.new_zeros(self.n_groups, g.shape[1])
         for e, rows in self._slices():
             torch.sum(g[rows], dim=0, out=out[e])
         return out
@@ -169,8 +172,8 @@ class _GroupedLinear(torch.autograd.Function):
         grad = grad.contiguous()
         groups: _Groups = ctx.groups
         grad_a = groups.mm_t(grad, w) if ctx.needs_input_grad[0] else None  # (N, D)
-        grad_w = groups.wgrad(a, grad, w.shape[0]) if ctx.needs_input_grad[1] else None
-        grad_b = groups.bgrad(grad, w.shape[0]) if ctx.has_bias else None  # (E, H)
+        grad_w = groups.wgrad(a, grad) if ctx.needs_input_grad[1] else None  # (E, D, H)
+        grad_b = groups.bgrad(grad) if ctx.has_bias else None  # (E, H)
         return grad_a, grad_w, grad_b, None
 
 
@@ -205,18 +208,86 @@ def grouped_linear(a: Tensor, w: Tensor, b: Tensor | None, counts: list[int]) ->
     return _GroupedLinear.apply(a, w, b, counts)
 
 
-def _gelu_expert(x: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
-    return F.gelu(x @ w_in + b_in) @ w_out + b_out  # (n, D), Expert with weights transposed
+# ---------------------------------------------------------------------------------------------
+# Expert kinds: one row each, read by `ExpertBank`, `DenseFFN` and the fused path.
+# ---------------------------------------------------------------------------------------------
+
+Linear = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]  # (rows, weight, bias) -> rows
 
 
-def _swiglu_expert(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
-    return (F.silu(x @ w1) * (x @ w3)) @ w2  # (n, D), SwiGLUExpert with weights transposed
+def linear_map(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """One expert's linear map, input-major: `x @ w (+ b)`, `(..., I), (I, O) -> (..., O)`."""
+    return x @ w if b is None else x @ w + b
+
+
+def batched_linear(xs: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """Every expert's linear map on its block of a padded buffer: `(E, C, I) -> (E, C, O)`."""
+    return torch.bmm(xs, w) if b is None else torch.baddbmm(b[:, None], xs, w)
+
+
+def gelu_expert(x: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor,
+                linear: Linear = linear_map) -> Tensor:
+    """`Expert` with its weights input-major: `gelu(x @ w_in + b_in) @ w_out + b_out`.
+
+    `linear` applies one linear map: one expert's (the default), every expert's on a padded
+    `(E, C, D)` buffer (`batched_linear`) or on rows grouped by expert (`grouped_linear`).
+    """
+    return linear(F.gelu(linear(x, w_in, b_in)), w_out, b_out)  # exact GELU
+
+
+def swiglu_expert(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor,
+                  linear: Linear = linear_map) -> Tensor:
+    """`SwiGLUExpert` with its weights input-major: `(silu(x @ w1) * (x @ w3)) @ w2`."""
+    return linear(F.silu(linear(x, w1, None)) * linear(x, w3, None), w2, None)  # eq. 1
+
+
+class Param(NamedTuple):
+    """One stacked parameter of an `ExpertBank` and where it lives in the expert's module."""
+
+    name: str  # the bank's attribute, stacked over experts: (E, I, O) or (E, O)
+    linear: str  # the module's nn.Linear it copies
+    field: str  # "weight" (stored input-major, the transpose of nn.Linear's) or "bias"
+
+
+@dataclass(frozen=True)
+class ExpertKind:
+    """An expert kind: its module, its stacked parameters and its function, one row each.
+
+    The first parameter is the weight of the `D -> H` input map (it gives `D` and `H`).
+    """
+
+    module: type[nn.Module]  # one expert, built as module(d_model, d_hidden)
+    params: tuple[Param, ...]  # the bank's parameters, in the order fused.top_k_moe takes
+    fn: Callable[..., Tensor]  # fn(x, *params, linear=...): the expert, written once
+
+
+EXPERT_KINDS: dict[str, ExpertKind] = {  # expert= of ExpertBank, TopKMoE and DenseFFN
+    "gelu": ExpertKind(Expert, (Param("w_in", "w_in", "weight"), Param("b_in", "w_in", "bias"),
+                                Param("w_out", "w_out", "weight"),
+                                Param("b_out", "w_out", "bias")), gelu_expert),
+    "swiglu": ExpertKind(SwiGLUExpert, (Param("w1", "w1", "weight"),
+                                        Param("w3", "w3", "weight"),
+                                        Param("w2", "w2", "weight")), swiglu_expert),
+}
+
+
+def expert_kind(expert: object) -> ExpertKind:
+    """The row of `EXPERT_KINDS` named `expert`; ValueError naming the kinds otherwise."""
+    if not isinstance(expert, str) or expert not in EXPERT_KINDS:
+        raise ValueError(f"expert must be one of {tuple(EXPERT_KINDS)}; got {expert!r}")
+    return EXPERT_KINDS[expert]
 
 
 def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
     # nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weights and biases.
     bound = 1.0 / math.sqrt(fan_in)
     return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+def _tensor_of(module: nn.Module, p: Param) -> Tensor:
+    """`p`'s tensor in one expert's module, input-major like the bank's."""
+    t = getattr(getattr(module, p.linear), p.field)
+    return t.t() if p.field == "weight" else t
 
 
 class ExpertBank(nn.Module):
@@ -226,7 +297,8 @@ class ExpertBank(nn.Module):
     `b_out (E, D)`; expert `e` is `gelu(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]`.
     `expert="swiglu"`: Mixtral's `SwiGLUExpert`s, parameters `w1, w3 (E, D, H)` and
     `w2 (E, H, D)`; expert `e` is `(silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]`.
-    Weights are stored input-major (`x @ w`), the transpose of `nn.Linear.weight`.
+    Weights are stored input-major (`x @ w`), the transpose of `nn.Linear.weight`. Both
+    kinds are rows of `EXPERT_KINDS`, which every method here reads.
 
     Stacked weights let a layer run all experts at once: `forward` on a padded `(E, C, D)`
     buffer with batched matmuls (GShard's dispatched layout, arXiv 2006.16668), or
@@ -245,19 +317,14 @@ class ExpertBank(nn.Module):
         self.d_model = positive_int("d_model", d_model)
         self.d_hidden = positive_int("d_hidden", d_hidden)
         self.n_experts = positive_int("n_experts", n_experts)
-        if expert not in EXPERT_KINDS:
-            raise ValueError(f"expert must be one of {EXPERT_KINDS}; got {expert!r}")
         self.kind = expert
-        e, d, h = n_experts, d_model, d_hidden
-        if expert == "gelu":
-            self.w_in = _uniform((e, d, h), d)  # (E, D, H)
-            self.b_in = _uniform((e, h), d)  # (E, H)
-            self.w_out = _uniform((e, h, d), h)  # (E, H, D)
-            self.b_out = _uniform((e, d), h)  # (E, D)
-        else:
-            self.w1 = _uniform((e, d, h), d)  # (E, D, H) gate projection
-            self.w3 = _uniform((e, d, h), d)  # (E, D, H) up projection
-            self.w2 = _uniform((e, h, d), h)  # (E, H, D) down projection
+        self.spec = expert_kind(expert)
+        with torch.device("meta"):  # shapes only: no memory, no draw from the RNG
+            template = self.spec.module(d_model, d_hidden)
+        for p in self.spec.params:
+            lin = getattr(template, p.linear)
+            shape = tuple(_tensor_of(template, p).shape)  # (I, O) or (O,)
+            setattr(self, p.name, _uniform((n_experts, *shape), lin.in_features))
 
     def _check(self, name: str, x: object, ndim: int, hint: str) -> None:
         float_tensor(name, x, ndim=ndim, shape_hint=hint)
@@ -271,28 +338,18 @@ class ExpertBank(nn.Module):
         if xs.shape[0] != self.n_experts:
             raise ValueError(f"xs must be (E, C, D) with E = {self.n_experts}; got shape "
                              f"{tuple(xs.shape)}")
-        if self.kind == "gelu":
-            h = F.gelu(torch.baddbmm(self.b_in[:, None], xs, self.w_in))  # (E, C, H)
-            return torch.baddbmm(self.b_out[:, None], h, self.w_out)  # (E, C, D)
-        h = F.silu(torch.bmm(xs, self.w1)) * torch.bmm(xs, self.w3)  # (E, C, H)
-        return torch.bmm(h, self.w2)  # (E, C, D)
+        return self.spec.fn(xs, *self.params(), linear=batched_linear)  # (E, C, D)
 
     def grouped(self, xs: Tensor, counts: list[int]) -> Tensor:
         """Rows sorted by expert, `counts[e]` of them for expert `e`: `(N, D) -> (N, D)`."""
         self._check("xs", xs, 2, "(N, D)")
-        if self.kind == "gelu":
-            h = F.gelu(grouped_linear(xs, self.w_in, self.b_in, counts))  # (N, H)
-            return grouped_linear(h, self.w_out, self.b_out, counts)  # (N, D)
-        h = F.silu(grouped_linear(xs, self.w1, None, counts)) * grouped_linear(
-            xs, self.w3, None, counts)  # (N, H)
-        return grouped_linear(h, self.w2, None, counts)  # (N, D)
+        return self.spec.fn(xs, *self.params(),
+                            linear=partial(_grouped, counts=counts))  # (N, D)
 
     def params(self) -> tuple[Tensor, ...]:
-        """The stacked parameters in a fixed order: `(w_in, b_in, w_out, b_out)` for
+        """The stacked parameters in the kind's order: `(w_in, b_in, w_out, b_out)` for
         `"gelu"`, `(w1, w3, w2)` for `"swiglu"` (the order `fused.top_k_moe` takes)."""
-        if self.kind == "gelu":
-            return self.w_in, self.b_in, self.w_out, self.b_out
-        return self.w1, self.w3, self.w2
+        return tuple(getattr(self, p.name) for p in self.spec.params)
 
     def expert_fn(self, e: int) -> Callable[[Tensor], Tensor]:
         """Expert `e` as a plain function of `(n, D)` rows, sharing this bank's parameters."""
@@ -304,29 +361,18 @@ class ExpertBank(nn.Module):
 
         They read views of the stacked parameters (`unbind`), so gradients reach the bank.
         """
-        if self.kind == "gelu":
-            views = zip(self.w_in.unbind(0), self.b_in.unbind(0), self.w_out.unbind(0),
-                        self.b_out.unbind(0), strict=True)
-            return [partial(_gelu_expert, w_in=a, b_in=b, w_out=c, b_out=d)
-                    for a, b, c, d in views]
-        views = zip(self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0), strict=True)
-        return [partial(_swiglu_expert, w1=a, w3=b, w2=c) for a, b, c in views]
+        names = [p.name for p in self.spec.params]
+        views = zip(*(t.unbind(0) for t in self.params()), strict=True)
+        return [partial(self.spec.fn, **dict(zip(names, v, strict=True))) for v in views]
 
     def to_modules(self) -> nn.ModuleList:
         """Copies of the experts as `Expert` or `SwiGLUExpert` modules (no shared storage)."""
         modules = nn.ModuleList()
         for e in range(self.n_experts):
-            if self.kind == "gelu":
-                m: nn.Module = Expert(self.d_model, self.d_hidden)
-                m.w_in.weight.data.copy_(self.w_in.data[e].t())
-                m.w_in.bias.data.copy_(self.b_in.data[e])
-                m.w_out.weight.data.copy_(self.w_out.data[e].t())
-                m.w_out.bias.data.copy_(self.b_out.data[e])
-            else:
-                m = SwiGLUExpert(self.d_model, self.d_hidden)
-                m.w1.weight.data.copy_(self.w1.data[e].t())
-                m.w3.weight.data.copy_(self.w3.data[e].t())
-                m.w2.weight.data.copy_(self.w2.data[e].t())
+            m = self.spec.module(self.d_model, self.d_hidden)
+            with torch.no_grad():
+                for p, stacked in zip(self.spec.params, self.params(), strict=True):
+                    _tensor_of(m, p).copy_(stacked[e])
             modules.append(m.to(self._dtype()))
         return modules
 
@@ -344,29 +390,25 @@ class ExpertBank(nn.Module):
         True
         """
         n = experts_list("experts", experts)
-        if all(isinstance(m, Expert) for m in experts):
-            kind = "gelu"
-        elif all(isinstance(m, SwiGLUExpert) for m in experts):
-            kind = "swiglu"
-        else:
-            raise ValueError("experts must be all Expert or all SwiGLUExpert modules; got "
+        kinds = [name for name, k in EXPERT_KINDS.items()
+                 if all(isinstance(m, k.module) for m in experts)]
+        if not kinds:
+            modules = " or all ".join(k.module.__name__ for k in EXPERT_KINDS.values())
+            raise ValueError(f"experts must be all {modules} modules; got "
                              f"{sorted({type(m).__name__ for m in experts})}")
-        first = experts[0]
-        layer = first.w_in if kind == "gelu" else first.w1
-        bank = cls(layer.in_features, layer.out_features, n, kind)
+        spec = EXPERT_KINDS[kinds[0]]
+        first = getattr(experts[0], spec.params[0].linear)  # the D -> H input map
+        bank = cls(first.in_features, first.out_features, n, kinds[0])
         for m in experts:
-            inner = m.w_in if kind == "gelu" else m.w1
+            inner = getattr(m, spec.params[0].linear)
             if (inner.in_features, inner.out_features) != (bank.d_model, bank.d_hidden):
                 raise ValueError(f"experts must all be ({bank.d_model} -> {bank.d_hidden}); got "
                                  f"one ({inner.in_features} -> {inner.out_features})")
         with torch.no_grad():
-            if kind == "gelu":
-                bank.w_in.copy_(torch.stack([m.w_in.weight.t() for m in experts]))
-                bank.b_in.copy_(torch.stack([m.w_in.bias for m in experts]))
-                bank.w_out.copy_(torch.stack([m.w_out.weight.t() for m in experts]))
-                bank.b_out.copy_(torch.stack([m.w_out.bias for m in experts]))
-            else:
-                bank.w1.copy_(torch.stack([m.w1.weight.t() for m in experts]))
-                bank.w3.copy_(torch.stack([m.w3.weight.t() for m in experts]))
-                bank.w2.copy_(torch.stack([m.w2.weight.t() for m in experts]))
-        return bank.to(layer.weight.dtype)
+            for p, stacked in zip(spec.params, bank.params(), strict=True):
+                stacked.copy_(torch.stack([_tensor_of(m, p) for m in experts]))
+        return bank.to(first.weight.dtype)
+
+
+def _grouped(x: Tensor, w: Tensor, b: Tensor | None, counts: list[int]) -> Tensor:
+    return grouped_linear(x, w, b, counts)  # the `linear` of rows grouped by expert

@@ -1,7 +1,7 @@
 """The fast path of `TopKMoE`: router, experts, combine and both router losses as one node.
 
 `layers.TopKMoE(dispatch="padded")` composes the course's functions (`top_k_gating`,
-`group_by_expert`, the `ExpertBank`, `combine`, the Switch and z losses), and autograd
+`capacity.group_by_expert`, the `ExpertBank`, `combine`, the Switch and z losses), and autograd
 differentiates them op by op. Correct, but every op is a node with saved tensors and, in
 the backward, passes over memory that a hand-written backward does not need: gradient
 buffers filled with zeros, one more add to join SwiGLU's two branches, another to join the
@@ -40,6 +40,7 @@ in float64.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -47,7 +48,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .capacity import group_by_expert
 from .experts import _Groups
+from .gating import top_k_gating
+from .losses import switch_loss_from_counts
 
 _GELU_BACKWARD = torch.ops.aten.gelu_backward
 _SILU_BACKWARD = torch.ops.aten.silu_backward
@@ -72,100 +76,121 @@ class _Plan(NamedTuple):
     active: list[int]  # the experts with at least one row
     sizes: list[int]  # their row counts
     token: Tensor  # (M,) token of each kept row, rows grouped by expert
-    slot: Tensor  # (M,) choice-major id j*T + t of each kept row
+    slot: Tensor  # (M,) token-major id t*K + j of each kept row
     keep: Tensor  # (T, K) bool
     routed: Tensor  # (E,) assignments per expert before capacity (Switch f_e * T*K)
 
 
 def _plan(indices: Tensor, n_experts: int, capacity: int | None) -> _Plan:
-    """One stable sort of the choice-major assignments: GShard priority within an expert."""
-    t, k = indices.shape
-    by_rank = indices.t().reshape(-1)  # (K*T,) all first choices, then all second, ...
-    expert_sorted, order = by_rank.sort(stable=True)  # (K*T,)
-    routed = torch.bincount(by_rank, minlength=n_experts)  # (E,)
-    keep = torch.ones(t, k, dtype=torch.bool, device=indices.device)
-    if capacity is not None and capacity < t * k:
-        starts = routed.cumsum(0) - routed  # (E,)
-        position = torch.arange(t * k, device=indices.device) - starts[expert_sorted]
-        kept = position < capacity  # (K*T,) in sorted order
-        keep = torch.empty_like(kept).index_copy_(0, order, kept).reshape(k, t).t()
-        order = order[kept]
-        kept_per_expert = routed.clamp(max=capacity)
-    else:
-        kept_per_expert = routed
-    counts = kept_per_expert.tolist()
+    """`group_by_expert` (one stable sort: GShard priority within an expert), as lists too."""
+    a = group_by_expert(indices, n_experts, capacity)
+    counts = a.counts.tolist()
     active = [e for e, n in enumerate(counts) if n]
-    return _Plan(kept_per_expert, counts, active, [counts[e] for e in active],
-                 order % t, order, keep, routed)
+    return _Plan(a.counts, counts, active, [counts[e] for e in active],
+                 a.tokens, a.order, a.keep, a.routed)
 
 
-def _grouped_forward(kind: str, xs: Tensor, groups: _Groups, params: tuple[Tensor, ...]):
-    """All experts on all sorted rows `xs` `(M, D)`, one op (or one loop of matmuls) a step."""
-    if kind == "gelu":
-        w_in, b_in, w_out, b_out = params
-        h = groups.mm(xs, w_in, b_in)  # (M, H)
-        a = F.gelu(h)
-        return groups.mm(a, w_out, b_out), (h, a)  # (M, D)
-    w1, w3, w2 = params
-    h1, h3 = groups.mm(xs, w1), groups.mm(xs, w3)  # (M, H)
+# ---------------------------------------------------------------------------------------------
+# Kernels by expert kind: the forward and its hand-written backward, written once for both
+# layouts. `ops` is `experts._Groups` (all sorted rows, grouped matmuls) or `_Block` (one
+# expert's rows); `wgrad(a, g, i)` and `bgrad(g, i)` produce the gradient of the kind's
+# `i`-th parameter.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Block:
+    """One expert's rows: plain matmuls, its parameters' gradients written in place."""
+
+    __slots__ = ("grads",)
+
+    def __init__(self, grads: list[Tensor | None] | None = None) -> None:
+        self.grads = grads  # this expert's slice of each parameter's gradient
+
+    @staticmethod
+    def mm(a: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+        return a @ w if b is None else torch.addmm(b, a, w)  # addmm fuses the bias
+
+    @staticmethod
+    def mm_t(g: Tensor, w: Tensor, add: Tensor | None = None) -> Tensor:
+        return g @ w.t() if add is None else torch.addmm(add, g, w.t())  # one accumulating mm
+
+    def wgrad(self, a: Tensor, g: Tensor, i: int) -> Tensor:
+        return torch.mm(a.t(), g, out=self.grads[i])  # type: ignore[index]
+
+    def bgrad(self, g: Tensor, i: int) -> Tensor:
+        return torch.sum(g, dim=0, out=self.grads[i])  # type: ignore[index]
+
+
+def _gelu_forward(ops, xs: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor):
+    h = ops.mm(xs, w_in, b_in)  # (M, H)
+    a = F.gelu(h)
+    return ops.mm(a, w_out, b_out), (h, a)  # (M, D)
+
+
+def _gelu_backward(ops, go: Tensor, xs: Tensor, saved, params, needs: list[bool],
+                   need_x: bool):
+    h, a = saved
+    w_in, _, w_out, _ = params
+    g_w_out = ops.wgrad(a, go, 2) if needs[2] else None
+    g_b_out = ops.bgrad(go, 3) if needs[3] else None
+    gh = _GELU_BACKWARD(ops.mm_t(go, w_out), h)  # (M, H)
+    g_w_in = ops.wgrad(xs, gh, 0) if needs[0] else None
+    g_b_in = ops.bgrad(gh, 1) if needs[1] else None
+    gxs = ops.mm_t(gh, w_in) if need_x else None
+    return gxs, [g_w_in, g_b_in, g_w_out, g_b_out]
+
+
+def _swiglu_forward(ops, xs: Tensor, w1: Tensor, w3: Tensor, w2: Tensor):
+    h1, h3 = ops.mm(xs, w1), ops.mm(xs, w3)  # (M, H)
     s1 = F.silu(h1)
     a = s1 * h3
-    return groups.mm(a, w2), (h1, h3, s1, a)
+    return ops.mm(a, w2), (h1, h3, s1, a)  # (M, D)
 
 
-def _grouped_backward(kind: str, go: Tensor, xs: Tensor, groups: _Groups, saved, params,
-                     needs: list[bool], need_x: bool):
-    """Gradients of the experts' parameters and of `xs` from `go` = dL/d(expert output)."""
-    e = params[0].shape[0]
-    if kind == "gelu":
-        h, a = saved
-        w_in, _, w_out, _ = params
-        g_w_out = groups.wgrad(a, go, e) if needs[2] else None
-        g_b_out = groups.bgrad(go, e) if needs[3] else None
-        gh = _GELU_BACKWARD(groups.mm_t(go, w_out), h)  # (M, H)
-        g_w_in = groups.wgrad(xs, gh, e) if needs[0] else None
-        g_b_in = groups.bgrad(gh, e) if needs[1] else None
-        gxs = groups.mm_t(gh, w_in) if need_x else None
-        return gxs, [g_w_in, g_b_in, g_w_out, g_b_out]
+def _swiglu_backward(ops, go: Tensor, xs: Tensor, saved, params, needs: list[bool],
+                     need_x: bool):
     h1, h3, s1, a = saved
     w1, w3, w2 = params
-    g_w2 = groups.wgrad(a, go, e) if needs[2] else None
-    ga = groups.mm_t(go, w2)  # (M, H)
+    g_w2 = ops.wgrad(a, go, 2) if needs[2] else None
+    ga = ops.mm_t(go, w2)  # (M, H)
     gh3 = ga * s1
     gh1 = _SILU_BACKWARD(ga.mul_(h3), h1)
-    g_w1 = groups.wgrad(xs, gh1, e) if needs[0] else None
-    g_w3 = groups.wgrad(xs, gh3, e) if needs[1] else None
-    gxs = groups.mm_t(gh3, w3, add=groups.mm_t(gh1, w1)) if need_x else None
+    g_w1 = ops.wgrad(xs, gh1, 0) if needs[0] else None
+    g_w3 = ops.wgrad(xs, gh3, 1) if needs[1] else None
+    gxs = ops.mm_t(gh3, w3, add=ops.mm_t(gh1, w1)) if need_x else None  # both branches
     return gxs, [g_w1, g_w3, g_w2]
 
 
-def _blocked_forward(kind: str, x: Tensor, plan: _Plan, w_rows: Tensor,
+class Kernels(NamedTuple):
+    """The hand-written forward and backward of one expert kind (a key of `EXPERT_KINDS`)."""
+
+    forward: Callable  # forward(ops, xs, *params) -> (out, saved)
+    backward: Callable  # backward(ops, go, xs, saved, params, needs, need_x) -> (gxs, grads)
+
+
+KERNELS: dict[str, Kernels] = {  # a kind without a row here runs TopKMoE's padded layout
+    "gelu": Kernels(_gelu_forward, _gelu_backward),
+    "swiglu": Kernels(_swiglu_forward, _swiglu_backward),
+}
+
+
+def _blocked_forward(kernels: Kernels, x: Tensor, plan: _Plan, w_rows: Tensor,
                      params: tuple[Tensor, ...]):
     """Expert by expert: gather its rows, run it, add its weighted output into `y`."""
     y = torch.zeros_like(x)  # (T, D)
-    saved: list[tuple[Tensor, ...]] = []
+    saved: list[tuple] = []
     views = [p.unbind(0) for p in params]  # per-expert weights, the views made once
+    block = _Block()
     for e, tok, w in zip(plan.active, plan.token.split(plan.sizes),
                          w_rows[:, None].split(plan.sizes), strict=True):
         xe = x.index_select(0, tok)  # (n, D)
-        if kind == "gelu":
-            w_in, b_in, w_out, b_out = (v[e] for v in views)
-            h = torch.addmm(b_in, xe, w_in)  # (n, H)
-            a = F.gelu(h)
-            o = torch.addmm(b_out, a, w_out)  # (n, D)
-            saved.append((xe, h, a, o))
-        else:
-            w1, w3, w2 = (v[e] for v in views)
-            h1, h3 = xe @ w1, xe @ w3  # (n, H)
-            s1 = F.silu(h1)
-            a = s1 * h3
-            o = a @ w2  # (n, D)
-            saved.append((xe, h1, h3, s1, a, o))
+        o, inner = kernels.forward(block, xe, *(v[e] for v in views))  # (n, D)
+        saved.append((xe, inner, o))
         y.index_add_(0, tok, o * w)  # combine, eq. 1
     return y, saved
 
 
-def _blocked_backward(kind: str, grad_y: Tensor, plan: _Plan, w_rows: Tensor, saved,
+def _blocked_backward(kernels: Kernels, grad_y: Tensor, plan: _Plan, w_rows: Tensor, saved,
                       params: tuple[Tensor, ...], needs: list[bool], need_x: bool):
     """The forward's loop in reverse: `dL/dx`, the parameters' gradients and `dL/dw` per row."""
     grad_x = torch.zeros_like(grad_y) if need_x else None
@@ -182,40 +207,14 @@ def _blocked_backward(kind: str, grad_y: Tensor, plan: _Plan, w_rows: Tensor, sa
     grad_rows = torch.empty_like(w_rows)  # (M,)
     blocks = zip(plan.active, plan.token.split(plan.sizes), w_rows[:, None].split(plan.sizes),
                  grad_rows.split(plan.sizes), saved, strict=True)
-    for e, tok, w, g_rows, blk in blocks:
+    for e, tok, w, g_rows, (xe, inner, o) in blocks:
         gy = grad_y.index_select(0, tok)  # (n, D) dL/dy of each row's token
-        torch.linalg.vecdot(gy, blk[-1], dim=1, out=g_rows)  # dL/dw = <dL/dy, o>
+        torch.linalg.vecdot(gy, o, dim=1, out=g_rows)  # dL/dw = <dL/dy, o>
         go = gy.mul_(w)  # (n, D) dL/do
-        if kind == "gelu":
-            xe, h, a, _ = blk
-            w_in, _, w_out, _ = (v[e] for v in views)
-            g_w_in, g_b_in, g_w_out, g_b_out = (g[e] for g in grads)
-            if g_w_out is not None:
-                torch.mm(a.t(), go, out=g_w_out)
-            if g_b_out is not None:
-                torch.sum(go, dim=0, out=g_b_out)
-            gh = _GELU_BACKWARD(go @ w_out.t(), h)  # (n, H)
-            if g_w_in is not None:
-                torch.mm(xe.t(), gh, out=g_w_in)
-            if g_b_in is not None:
-                torch.sum(gh, dim=0, out=g_b_in)
-            if grad_x is not None:
-                grad_x.index_add_(0, tok, gh @ w_in.t())
-        else:
-            xe, h1, h3, s1, a, _ = blk
-            w1, w3, w2 = (v[e] for v in views)
-            g_w1, g_w3, g_w2 = (g[e] for g in grads)
-            if g_w2 is not None:
-                torch.mm(a.t(), go, out=g_w2)
-            ga = go @ w2.t()  # (n, H)
-            gh3 = ga * s1
-            gh1 = _SILU_BACKWARD(ga.mul_(h3), h1)
-            if g_w1 is not None:
-                torch.mm(xe.t(), gh1, out=g_w1)
-            if g_w3 is not None:
-                torch.mm(xe.t(), gh3, out=g_w3)
-            if grad_x is not None:  # both branches in one accumulating matmul
-                grad_x.index_add_(0, tok, torch.addmm(gh1 @ w1.t(), gh3, w3.t()))
+        gxe, _ = kernels.backward(_Block([g[e] for g in grads]), go, xe, inner,
+                                  [v[e] for v in views], needs, need_x)
+        if grad_x is not None:
+            grad_x.index_add_(0, tok, gxe)
     return grad_x, grad_params, grad_rows
 
 
@@ -230,24 +229,23 @@ class _TopKMoE(torch.autograd.Function):
             logits = logits + extra  # eq. 4's noise term
         t, e = logits.shape
         lse = torch.logsumexp(logits, dim=-1)  # (T,)
-        top, indices = logits.topk(k, dim=-1)  # (T, K), best first
-        gate = torch.softmax(top, dim=-1)  # (T, K) eq. 3, before capacity
+        gate, indices = top_k_gating(logits, k)  # (T, K), (T, K) eq. 3, before capacity
         plan = _plan(indices, e, capacity)
-        w_rows = gate.t().reshape(-1).index_select(0, plan.slot)  # (M,) weight of each row
+        w_rows = gate.reshape(-1).index_select(0, plan.slot)  # (M,) weight of each row
+        kernels = KERNELS[kind]
         if not blocked:
             xs = x.index_select(0, plan.token)  # (M, D) rows sorted by expert
             groups = _Groups(plan.counts, x, plan.kept)
-            o, saved = _grouped_forward(kind, xs, groups, params)  # (M, D)
+            o, saved = kernels.forward(groups, xs, *params)  # (M, D)
             y = torch.zeros_like(x).index_add_(0, plan.token, o * w_rows[:, None])  # (T, D)
         else:
-            y, saved = _blocked_forward(kind, x, plan, w_rows, params)
+            y, saved = _blocked_forward(kernels, x, plan, w_rows, params)
             xs = o = groups = None
         probs = torch.exp(logits - lse[:, None])  # (T, E)
-        f = plan.routed.to(logits.dtype) / (t * k)  # (E,) Switch eq. 5
-        aux = e * torch.dot(f, probs.mean(0))  # Switch eq. 4
+        aux, f = switch_loss_from_counts(probs, plan.routed, t * k)  # Switch eq. 4-6
         z = lse.pow(2).mean()  # ST-MoE eq. 5
         weights = gate * plan.keep  # (T, K) 0 where dropped
-        ctx.kind, ctx.k, ctx.blocked, ctx.plan, ctx.groups = kind, k, blocked, plan, groups
+        ctx.kernels, ctx.k, ctx.blocked, ctx.plan, ctx.groups = kernels, k, blocked, plan, groups
         ctx.saved, ctx.xs_o = saved, (xs, o)
         ctx.save_for_backward(x, w_gate, lse, probs, gate, indices, w_rows, f, *params)
         counts = plan.kept.to(x.dtype)
@@ -268,13 +266,13 @@ class _TopKMoE(torch.autograd.Function):
         grad_rows = None
         if grad_y is not None and ctx.blocked:
             grad_x, grad_params, grad_rows = _blocked_backward(
-                ctx.kind, grad_y, plan, w_rows, ctx.saved, params, needs, need_x)
+                ctx.kernels, grad_y, plan, w_rows, ctx.saved, params, needs, need_x)
         elif grad_y is not None:  # (else y is unused: nothing reaches x or the experts via y)
             gy = grad_y.index_select(0, plan.token)  # (M, D) dL/dy of each row's token
             grad_rows = torch.linalg.vecdot(gy, o, dim=1)  # (M,) dL/dw = <dL/dy, o>
             go = gy.mul_(w_rows[:, None])  # (M, D) dL/do
-            gxs, grad_params = _grouped_backward(ctx.kind, go, xs, ctx.groups, ctx.saved,
-                                                params, needs, need_x)
+            gxs, grad_params = ctx.kernels.backward(ctx.groups, go, xs, ctx.saved, params,
+                                                    needs, need_x)
             if need_x:
                 grad_x = torch.zeros_like(x).index_add_(0, plan.token, gxs)
         grad_w_gate = grad_extra = None
@@ -282,9 +280,9 @@ class _TopKMoE(torch.autograd.Function):
             k = ctx.k
             if grad_rows is None:  # (T, K) dL/d(gate weight)
                 grad_gate = torch.zeros_like(gate)
-            else:  # rows back to choice-major slots j*T + t; dropped slots get 0
-                grad_gate = grad_rows.new_zeros(k * t).index_copy_(0, plan.slot, grad_rows)
-                grad_gate = grad_gate.reshape(k, t).t()
+            else:  # rows back to token-major slots t*K + j; dropped slots get 0
+                grad_gate = grad_rows.new_zeros(t * k).index_copy_(0, plan.slot, grad_rows)
+                grad_gate = grad_gate.reshape(t, k)
             if grad_weights is not None:
                 grad_gate = grad_gate + grad_weights * plan.keep
             grad_top = gate * (grad_gate - (gate * grad_gate).sum(-1, keepdim=True))

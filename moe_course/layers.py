@@ -8,38 +8,32 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .capacity import apply_capacity, expert_capacity
+from . import routers
+from .capacity import Assignments, expert_capacity, group_by_expert
 from .expert_choice import (
     ExpertChoice,
     expert_choice_capacity,
     expert_choice_moe,
     expert_choice_routing,
 )
-from .experts import EXPERT_KINDS, Expert, ExpertBank, SwiGLUExpert
-from .fused import top_k_moe
+from .experts import Expert, ExpertBank, expert_kind
+from .fused import KERNELS, top_k_moe
 from .gating import noisy_logits, top_k_gating
-from .losses import router_z_loss, switch_aux_loss
-from .routing import sparse_moe
+from .losses import router_z_loss, switch_aux_loss, switch_loss_from_counts
+from .routers import Routing, TokenChoice, top_k_router
+from .routing import ExpertFn, sparse_moe
 from .validation import float_tensor, index_tensor, positive_float, positive_int
 
-ROUTERS = ("top_k", "expert_choice")
-
-
-class TokenChoice(NamedTuple):
-    """Routing decisions of a token-choice (top-k) layer; all `(T, K)`."""
-
-    weights: Tensor  # (T, K) gate weights after capacity, 0 where dropped
-    indices: Tensor  # (T, K) chosen experts, best first
-    keep: Tensor  # (T, K) bool, False where the expert's buffer overflowed
-
-
-Routing = Union[TokenChoice, ExpertChoice]
+__all__ = ["AUTO_GROUPED_MACS", "DISPATCHES", "Assignments", "DenseFFN", "ExpertChoiceMoE",
+           "MoEFeedForward", "MoEOutput", "Routing", "TokenChoice", "TopKMoE",
+           "group_by_expert", "moe_from_routing", "token_rows"]
 
 
 class MoEOutput(NamedTuple):
@@ -53,9 +47,64 @@ class MoEOutput(NamedTuple):
     expert_load: Tensor  # (E,) float, assignments each expert processed in this call
 
 
+def moe_from_routing(x: Tensor, flat: Tensor, experts: Sequence[ExpertFn], logits: Tensor,
+                     routing: Routing) -> MoEOutput:
+    """The mixture on given routing decisions, one expert at a time: the reference that
+    `MoEFeedForward` and the loop oracles of the fast layers share.
+
+    Token choice (`TokenChoice`, `(T, K)`): `sparse_moe` (Shazeer et al. eq. 1) and the
+    Switch loss (arXiv 2101.03961 eq. 4); a dropped assignment has weight 0, so it adds
+    exactly 0. Expert choice (`ExpertChoice`, `(E, C)`): `expert_choice_moe` (Zhou et al.
+    eq. 2-3) and no aux loss, balance being built in. Both: the z-loss (arXiv 2202.08906
+    eq. 5). `x` is the layer's input, `flat` its `(T, D)` rows.
+    """
+    e = logits.shape[1]
+    if isinstance(routing, ExpertChoice):
+        y = expert_choice_moe(flat, experts, routing.gates, routing.token_idx)  # (T, D)
+        aux_loss = logits.new_zeros(())
+        load = torch.full((e,), routing.token_idx.shape[1], device=x.device)  # (E,) C each
+    else:
+        y = sparse_moe(flat, experts, routing.weights, routing.indices)  # (T, D)
+        aux_loss = switch_aux_loss(torch.softmax(logits, dim=-1), routing.indices)
+        load = torch.bincount(routing.indices[routing.keep], minlength=e)  # (E,)
+    return MoEOutput(y.reshape(x.shape), aux_loss, router_z_loss(logits), logits, routing,
+                     load.to(x.dtype))
+
+
+def token_rows(x: object, d_model: int) -> Tensor:
+    """Check a layer input `x`, `(B, S, D)` or `(T, D)`, and flatten it to `(T, D)` rows.
+
+    >>> token_rows(torch.zeros(2, 3, 4), d_model=4).shape
+    torch.Size([6, 4])
+    """
+    t = float_tensor("x", x, shape_hint="(B, S, D) or (T, D)")
+    if t.dim() not in (2, 3) or t.shape[-1] != d_model:
+        raise ValueError(f"x must be (B, S, D) or (T, D) with D = {d_model}; got shape "
+                         f"{tuple(t.shape)}")
+    return t.reshape(-1, d_model)  # (T, D)
+
+
+def _token_input(x: object, d_model: int, dtype: torch.dtype) -> Tensor:
+    """`token_rows`, plus at least one token and the layer's dtype (the fast layers)."""
+    t = token_rows(x, d_model)  # (T, D)
+    if t.numel() == 0:
+        raise ValueError(f"x must hold at least one token; got shape {tuple(x.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"x must have the layer's dtype {dtype}; got {t.dtype}")
+    return t
+
+
+def _noise_router(d_model: int, n_experts: int) -> nn.Linear:
+    """W_noise of Shazeer et al. eq. 4, zero-initialised: noise scale softplus(0) at start."""
+    w_noise = nn.Linear(d_model, n_experts, bias=False)
+    nn.init.zeros_(w_noise.weight)
+    return w_noise
+
+
 class MoEFeedForward(nn.Module):
     """A transformer feed-forward block replaced by a mixture of `Expert`s.
 
+    `router` names a row of `routers.ROUTERS`, the course's one router table:
     `router="top_k"`: each token picks its `k` best experts (Shazeer et al. 2017, arXiv
     1701.06538), optionally limited to `expert_capacity(T, E, capacity_factor, k)` slots per
     expert with GShard priority (arXiv 2006.16668), trained with the Switch loss (arXiv
@@ -63,6 +112,8 @@ class MoEFeedForward(nn.Module):
     `router="expert_choice"`: each expert picks `expert_choice_capacity(T, E, c)` tokens
     (Zhou et al. 2022, arXiv 2202.09368); `c` defaults to `k`, so that on average a token
     gets `k` experts, the same compute as top-k. Its aux loss is 0: balance is built in.
+    The other rows (`"switch"`, `"dense"`, `"noisy_top_k"`, ...) work the same way; a
+    noisy one adds Shazeer et al.'s `w_noise` (eq. 4, zero-initialised), used in training.
 
     >>> layer = MoEFeedForward(d_model=8, d_hidden=16, n_experts=4, k=2)
     >>> out = layer(torch.randn(2, 5, 8))
@@ -77,45 +128,23 @@ class MoEFeedForward(nn.Module):
         positive_int("d_hidden", d_hidden)
         self.n_experts = positive_int("n_experts", n_experts)
         self.k = positive_int("k", k, maximum=n_experts)
-        if router not in ROUTERS:
-            raise ValueError(f"router must be one of {ROUTERS}; got {router!r}")
+        row = routers.router_row(router)
         if capacity_factor is not None:
             positive_float("capacity_factor", capacity_factor)
         self.router = router
         self.capacity_factor = capacity_factor
         self.gate = nn.Linear(d_model, n_experts, bias=False)  # W_g
         self.experts = nn.ModuleList(Expert(d_model, d_hidden) for _ in range(n_experts))
+        self.w_noise = _noise_router(d_model, n_experts) if row.noisy else None
 
     def forward(self, x: Tensor) -> MoEOutput:
-        float_tensor("x", x, shape_hint="(B, S, D) or (T, D)")
-        d = self.gate.in_features
-        if x.shape[-1] != d or x.dim() not in (2, 3):
-            raise ValueError(f"x must be (B, S, D) or (T, D) with D = {d}; got shape "
-                             f"{tuple(x.shape)}")
-        flat = x.reshape(-1, d)  # (T, D)
-        n_tokens = flat.shape[0]
+        flat = token_rows(x, self.gate.in_features)  # (T, D)
         logits = self.gate(flat)  # (T, E)
-        z_loss = router_z_loss(logits)
-        if self.router == "top_k":
-            weights, indices = top_k_gating(logits, self.k)  # (T, K), (T, K)
-            keep = torch.ones_like(indices, dtype=torch.bool)  # (T, K)
-            if self.capacity_factor is not None:
-                capacity = expert_capacity(n_tokens, self.n_experts, self.capacity_factor, self.k)
-                weights, keep = apply_capacity(weights, indices, capacity)  # (T, K), (T, K)
-            # A dropped assignment has weight 0, so it adds exactly 0 to the output.
-            y = sparse_moe(flat, self.experts, weights, indices)  # (T, D)
-            aux_loss = switch_aux_loss(torch.softmax(logits, dim=-1), indices)
-            routing: Routing = TokenChoice(weights, indices, keep)
-            load = F.one_hot(indices[keep], self.n_experts).sum(0)  # (E,)
-        else:
-            factor = self.capacity_factor if self.capacity_factor is not None else float(self.k)
-            capacity = expert_choice_capacity(n_tokens, self.n_experts, factor)
-            routing = expert_choice_routing(logits, capacity)  # (E, C) each
-            y = expert_choice_moe(flat, self.experts, routing.gates, routing.token_idx)  # (T, D)
-            aux_loss = logits.new_zeros(())
-            load = torch.full((self.n_experts,), capacity)  # (E,)
-        return MoEOutput(y.reshape(x.shape), aux_loss, z_loss, logits, routing,
-                         load.to(x.dtype))
+        if self.w_noise is not None and self.training:
+            noise = torch.randn_like(logits)  # (T, E)
+            logits = noisy_logits(flat, self.gate.weight.t(), self.w_noise.weight.t(), noise)
+        routing = routers.router_row(self.router)(logits, self.k, self.capacity_factor).routing
+        return moe_from_routing(x, flat, self.experts, logits, routing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,72 +157,6 @@ DISPATCHES = ("auto", "blocked", "grouped", "padded")
 # blocked layout saves. Above it the blocked layout wins. Both measured in
 # benchmarks/bench_layers.py (see benchmarks/README.md).
 AUTO_GROUPED_MACS = 2**21
-
-
-class Assignments(NamedTuple):
-    """The `T*K` token-to-expert assignments sorted by expert, GShard priority within one.
-
-    The `(T, K)` fields are in token order; `order` is the expert-major layout of the kept
-    assignments. Built by `group_by_expert`.
-    """
-
-    positions: Tensor  # (T, K) slot of each assignment in its expert's buffer
-    keep: Tensor  # (T, K) bool, positions < capacity
-    counts: Tensor  # (E,) kept assignments per expert
-    routed: Tensor  # (E,) all assignments per expert, before capacity (Switch f_e)
-    order: Tensor  # (M,) token-major ids t*K + j of the kept assignments, grouped by expert
-
-
-def _token_input(name: str, x: object, d_model: int, dtype: torch.dtype) -> Tensor:
-    """Check a layer input, `(B, S, D)` or `(T, D)`, and flatten it to `(T, D)`."""
-    t = float_tensor(name, x, shape_hint="(B, S, D) or (T, D)")
-    if t.dim() not in (2, 3) or t.shape[-1] != d_model:
-        raise ValueError(f"{name} must be (B, S, D) or (T, D) with D = {d_model}; got shape "
-                         f"{tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} must hold at least one token; got shape {tuple(t.shape)}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name} must have the layer's dtype {dtype}; got {t.dtype}")
-    return t.reshape(-1, d_model)  # (T, D)
-
-
-def group_by_expert(indices: Tensor, n_experts: int, capacity: int | None = None) -> Assignments:
-    """Sort the assignments `indices` `(T, K)` by expert with one stable sort.
-
-    Within an expert the order is GShard's priority (arXiv 2006.16668, Algorithm 1): every
-    first choice in token order, then every second choice, ...; so `positions` equals
-    `capacity_positions(indices, E)` and, with a `capacity`, `keep` is `positions < C`
-    exactly as in `apply_capacity`. `order` lists the kept assignments as token-major flat
-    ids `t*K + j`, expert by expert, `counts[e]` of them for expert `e`.
-
-    >>> a = group_by_expert(torch.tensor([[0, 1], [0, 2], [1, 0]]), n_experts=3, capacity=2)
-    >>> a.positions
-    tensor([[0, 1],
-            [1, 0],
-            [0, 2]])
-    >>> a.order, a.counts
-    (tensor([0, 2, 4, 1, 3]), tensor([2, 2, 1]))
-    """
-    e = positive_int("n_experts", n_experts)
-    index_tensor("indices", indices, ndim=2, shape_hint="(T, K)", upper=e)
-    if capacity is not None:
-        capacity = positive_int("capacity", capacity, minimum=0)
-    t, k = indices.shape
-    n = t * k
-    by_rank = indices.long().t().reshape(-1)  # (K*T,) choice-major: all first choices first
-    expert_sorted, order = by_rank.sort(stable=True)  # (K*T,), (K*T,) choice-major ids
-    routed = torch.bincount(by_rank, minlength=e)  # (E,)
-    starts = routed.cumsum(0) - routed  # (E,) first sorted row of each expert
-    pos_sorted = torch.arange(n, device=indices.device) - starts[expert_sorted]  # (K*T,)
-    positions = torch.empty_like(pos_sorted).index_copy_(0, order, pos_sorted)  # (K*T,)
-    positions = positions.reshape(k, t).t()  # (T, K)
-    token_major = (order % t) * k + order // t  # (K*T,) choice-major id j*T+t -> t*K+j
-    if capacity is None or capacity >= n:
-        return Assignments(positions, torch.ones_like(positions, dtype=torch.bool), routed,
-                           routed, token_major)
-    kept = pos_sorted < capacity  # (K*T,)
-    counts = routed.clamp(max=capacity)  # (E,)
-    return Assignments(positions, positions < capacity, counts, routed, token_major[kept])
 
 
 class _Combine(torch.autograd.Function):
@@ -243,6 +206,44 @@ def combine(rows: Tensor, row_token: Tensor, row_weight: Tensor, n_tokens: int) 
         raise ValueError(f"rows, row_token and row_weight must have the same length R; got "
                          f"{rows.shape[0]}, {row_token.shape[0]} and {row_weight.shape[0]}")
     return _Combine.apply(rows, row_token.long(), row_weight, n)
+
+
+def _noise_sample(noise: Tensor | None, flat: Tensor, n_experts: int, noisy: bool,
+                  active: bool, training: bool) -> Tensor | None:
+    """The `(T, E)` standard-normal noise of eq. 4 when `active` (drawn if not given)."""
+    if not active:
+        if noise is not None:
+            raise ValueError("noise is only used by a noisy layer in training mode; got a "
+                             f"noise tensor for a layer with noisy={noisy}, training={training}")
+        return None
+    if noise is None:
+        return torch.randn(flat.shape[0], n_experts, dtype=flat.dtype,
+                           device=flat.device)  # (T, E)
+    float_tensor("noise", noise, ndim=2, shape_hint="(T, E)")
+    if noise.shape != (flat.shape[0], n_experts):
+        raise ValueError(f"noise must be (T, E) = {(flat.shape[0], n_experts)}; got "
+                         f"shape {tuple(noise.shape)}")
+    if noise.dtype != flat.dtype:
+        raise ValueError(f"noise must have the layer's dtype {flat.dtype}; got {noise.dtype}")
+    return noise
+
+
+def _experts_of(layer: object, router: str) -> ExpertBank:
+    """Copies of the experts of `layer`, which must be an `MoEFeedForward` with `router`."""
+    if not isinstance(layer, MoEFeedForward) or layer.router != router:
+        got = getattr(layer, "router", None)
+        raise ValueError(f"layer must be an MoEFeedForward with router={router!r}; got "
+                         f"{type(layer).__name__} with router={got!r}")
+    return ExpertBank.from_modules(list(layer.experts))
+
+
+def _with_weights(layer: nn.Module, gate: nn.Linear, experts: nn.Module) -> nn.Module:
+    """`layer` in `gate`'s dtype with a copy of `gate`'s weight and `experts` (copies)."""
+    layer = layer.to(gate.weight.dtype)
+    layer.experts = experts
+    with torch.no_grad():
+        layer.gate.weight.copy_(gate.weight)
+    return layer
 
 
 class TopKMoE(nn.Module):
@@ -301,30 +302,13 @@ class TopKMoE(nn.Module):
         self.dispatch = dispatch
         self.noisy = noisy
         self.gate = nn.Linear(d_model, n_experts, bias=False)  # W_g
-        # W_noise of Shazeer et al. eq. 4, zero-initialised: noise scale softplus(0) at start.
-        self.w_noise = nn.Linear(d_model, n_experts, bias=False) if noisy else None
-        if self.w_noise is not None:
-            nn.init.zeros_(self.w_noise.weight)
+        self.w_noise = _noise_router(d_model, n_experts) if noisy else None
         self.experts = ExpertBank(d_model, d_hidden, n_experts, expert)
 
     def _noise(self, flat: Tensor, noise: Tensor | None) -> Tensor | None:
         """The `(T, E)` noise of eq. 4 (drawn if not given) in noisy training, else None."""
-        if self.w_noise is None or not self.training:
-            if noise is not None:
-                raise ValueError("noise is only used by a noisy layer in training mode; got a "
-                                 f"noise tensor for a layer with noisy={self.noisy}, "
-                                 f"training={self.training}")
-            return None
-        if noise is None:
-            return torch.randn(flat.shape[0], self.n_experts, dtype=flat.dtype,
-                               device=flat.device)  # (T, E)
-        float_tensor("noise", noise, ndim=2, shape_hint="(T, E)")
-        if noise.shape != (flat.shape[0], self.n_experts):
-            raise ValueError(f"noise must be (T, E) = {(flat.shape[0], self.n_experts)}; got "
-                             f"shape {tuple(noise.shape)}")
-        if noise.dtype != flat.dtype:
-            raise ValueError(f"noise must have the layer's dtype {flat.dtype}; got {noise.dtype}")
-        return noise
+        return _noise_sample(noise, flat, self.n_experts, self.noisy,
+                             self.w_noise is not None and self.training, self.training)
 
     def _logits(self, flat: Tensor, noise: Tensor | None) -> Tensor:
         """Router logits by the course's functions (the loop oracle and the padded layout)."""
@@ -345,9 +329,11 @@ class TopKMoE(nn.Module):
 
     def forward(self, x: Tensor, noise: Tensor | None = None) -> MoEOutput:
         """`x` `(B, S, D)` or `(T, D)`; `noise` `(T, E)` standard normal (noisy training only)."""
-        flat = _token_input("x", x, self.d_model, self.gate.weight.dtype)  # (T, D)
+        flat = _token_input(x, self.d_model, self.gate.weight.dtype)  # (T, D)
         dispatch = self.dispatch
-        if dispatch == "auto":
+        if self.experts.kind not in KERNELS:  # no hand-written kernels: autograd's layout
+            dispatch = "padded"
+        elif dispatch == "auto":
             rows = flat.shape[0] * self.k / self.n_experts  # mean rows per expert
             small = rows * self.d_model * self.experts.d_hidden <= AUTO_GROUPED_MACS
             dispatch = "grouped" if small else "blocked"
@@ -368,7 +354,7 @@ class TopKMoE(nn.Module):
         if capacity is not None:
             weights = torch.where(plan.keep, weights, torch.zeros_like(weights))  # (T, K)
         buffer = int(plan.counts.max())  # C: the busiest expert's kept load
-        token = plan.order // k  # (M,) token of each kept assignment, grouped by expert
+        token = plan.tokens  # (M,) token of each kept assignment, grouped by expert
         weight = weights.reshape(-1)[plan.order]  # (M,) its gate weight
         slot = (indices * buffer + plan.positions).reshape(-1)[plan.order]  # (M,) e*C + pos
         row_token = token.new_zeros(e * buffer).index_copy_(0, slot, token)  # (E*C,)
@@ -378,31 +364,19 @@ class TopKMoE(nn.Module):
         # Dropped assignments have no row, empty padded slots weight exactly 0: both add 0.
         y = _Combine.apply(rows, row_token, row_weight, t)  # (T, D)
         probs = torch.softmax(logits, dim=-1)  # (T, E)
-        f = plan.routed.to(probs.dtype) / (t * k)  # (E,) Switch eq. 5
-        aux_loss = e * (f * probs.mean(0)).sum()  # Switch eq. 4 = switch_aux_loss
+        aux_loss = switch_loss_from_counts(probs, plan.routed, t * k).loss  # Switch eq. 4-6
         routing = TokenChoice(weights, indices, plan.keep)
         return MoEOutput(y.reshape(x.shape), aux_loss, router_z_loss(logits), logits, routing,
                          plan.counts.to(x.dtype))
 
     def loop_forward(self, x: Tensor, noise: Tensor | None = None) -> MoEOutput:
-        """The oracle: the same layer computed as `MoEFeedForward` does, one expert at a time.
-
-        Routing by `top_k_gating` and `apply_capacity`, dispatch by `routing.sparse_moe` over
-        `self.experts.expert_fns()` (functions sharing this layer's parameters, so gradients
-        compare), losses by `switch_aux_loss` and `router_z_loss`.
-        """
-        flat = _token_input("x", x, self.d_model, self.gate.weight.dtype)  # (T, D)
+        """The oracle: the same layer computed as `MoEFeedForward` does, one expert at a time
+        (`top_k_router` and `moe_from_routing` over `self.experts.expert_fns()`, functions
+        sharing this layer's parameters, so gradients compare)."""
+        flat = _token_input(x, self.d_model, self.gate.weight.dtype)  # (T, D)
         logits = self._logits(flat, noise)  # (T, E)
-        weights, indices = top_k_gating(logits, self.k)  # (T, K), (T, K)
-        keep = torch.ones_like(indices, dtype=torch.bool)  # (T, K)
-        capacity = self._capacity(flat.shape[0])
-        if capacity is not None:
-            weights, keep = apply_capacity(weights, indices, capacity)  # (T, K), (T, K)
-        y = sparse_moe(flat, self.experts.expert_fns(), weights, indices)  # (T, D)
-        aux_loss = switch_aux_loss(torch.softmax(logits, dim=-1), indices)
-        load = F.one_hot(indices[keep], self.n_experts).sum(0)  # (E,)
-        return MoEOutput(y.reshape(x.shape), aux_loss, router_z_loss(logits), logits,
-                         TokenChoice(weights, indices, keep), load.to(x.dtype))
+        routing = top_k_router(logits, self.k, self.capacity_factor).routing
+        return moe_from_routing(x, flat, self.experts.expert_fns(), logits, routing)
 
     @classmethod
     def from_moe_feed_forward(cls, layer: MoEFeedForward, dispatch: str = "auto") -> TopKMoE:
@@ -414,17 +388,10 @@ class TopKMoE(nn.Module):
         >>> torch.allclose(fast(x).y, slow(x).y, atol=1e-6)
         True
         """
-        if not isinstance(layer, MoEFeedForward) or layer.router != "top_k":
-            router = getattr(layer, "router", None)
-            raise ValueError("layer must be an MoEFeedForward with router='top_k'; got "
-                             f"{type(layer).__name__} with router={router!r}")
-        bank = ExpertBank.from_modules(list(layer.experts))
+        bank = _experts_of(layer, "top_k")
         fast = cls(bank.d_model, bank.d_hidden, layer.n_experts, layer.k, layer.capacity_factor,
-                   "gelu", dispatch=dispatch).to(layer.gate.weight.dtype)
-        fast.experts = bank
-        with torch.no_grad():
-            fast.gate.weight.copy_(layer.gate.weight)
-        return fast
+                   "gelu", dispatch=dispatch)
+        return _with_weights(fast, layer.gate, bank)
 
     def to_moe_feed_forward(self) -> MoEFeedForward:
         """An `MoEFeedForward` with copies of this layer's weights (GELU, not noisy)."""
@@ -433,11 +400,8 @@ class TopKMoE(nn.Module):
                              f"MoEFeedForward twin; got expert={self.experts.kind!r}, "
                              f"noisy={self.noisy}")
         slow = MoEFeedForward(self.d_model, self.experts.d_hidden, self.n_experts, self.k,
-                              "top_k", self.capacity_factor).to(self.gate.weight.dtype)
-        slow.experts = self.experts.to_modules()
-        with torch.no_grad():
-            slow.gate.weight.copy_(self.gate.weight)
-        return slow
+                              "top_k", self.capacity_factor)
+        return _with_weights(slow, self.gate, self.experts.to_modules())
 
 
 class ExpertChoiceMoE(nn.Module):
@@ -467,7 +431,7 @@ class ExpertChoiceMoE(nn.Module):
         self.experts = ExpertBank(d_model, d_hidden, n_experts, expert)
 
     def _route(self, x: Tensor) -> tuple[Tensor, Tensor, ExpertChoice]:
-        flat = _token_input("x", x, self.d_model, self.gate.weight.dtype)  # (T, D)
+        flat = _token_input(x, self.d_model, self.gate.weight.dtype)  # (T, D)
         logits = self.gate(flat)  # (T, E)
         capacity = expert_choice_capacity(flat.shape[0], self.n_experts, self.capacity_factor)
         return flat, logits, expert_choice_routing(logits, capacity)  # (E, C) each
@@ -491,24 +455,15 @@ class ExpertChoiceMoE(nn.Module):
     def loop_forward(self, x: Tensor) -> MoEOutput:
         """The oracle: `expert_choice_moe` over `self.experts.expert_fns()`, expert by expert."""
         flat, logits, routing = self._route(x)
-        y = expert_choice_moe(flat, self.experts.expert_fns(), routing.gates, routing.token_idx)
-        return self._output(x, y, logits, routing)
+        return moe_from_routing(x, flat, self.experts.expert_fns(), logits, routing)
 
     @classmethod
     def from_moe_feed_forward(cls, layer: MoEFeedForward) -> ExpertChoiceMoE:
         """An `ExpertChoiceMoE` with copies of an expert-choice `MoEFeedForward`'s weights."""
-        if not isinstance(layer, MoEFeedForward) or layer.router != "expert_choice":
-            router = getattr(layer, "router", None)
-            raise ValueError("layer must be an MoEFeedForward with router='expert_choice'; got "
-                             f"{type(layer).__name__} with router={router!r}")
-        bank = ExpertBank.from_modules(list(layer.experts))
+        bank = _experts_of(layer, "expert_choice")
         factor = layer.capacity_factor if layer.capacity_factor is not None else float(layer.k)
-        fast = cls(bank.d_model, bank.d_hidden, layer.n_experts, factor,
-                   "gelu").to(layer.gate.weight.dtype)
-        fast.experts = bank
-        with torch.no_grad():
-            fast.gate.weight.copy_(layer.gate.weight)
-        return fast
+        return _with_weights(cls(bank.d_model, bank.d_hidden, layer.n_experts, factor, "gelu"),
+                             layer.gate, bank)
 
 
 class DenseFFN(nn.Module):
@@ -524,11 +479,9 @@ class DenseFFN(nn.Module):
 
     def __init__(self, d_model: int, d_hidden: int, expert: str = "gelu") -> None:
         super().__init__()
-        if expert not in EXPERT_KINDS:
-            raise ValueError(f"expert must be one of {EXPERT_KINDS}; got {expert!r}")
+        module = expert_kind(expert).module
         self.d_model = positive_int("d_model", d_model)
-        self.ffn = Expert(d_model, d_hidden) if expert == "gelu" else SwiGLUExpert(d_model,
-                                                                                   d_hidden)
+        self.ffn = module(d_model, d_hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         float_tensor("x", x, shape_hint="(..., D)")

@@ -122,10 +122,31 @@ def switch_aux_loss(router_probs: Tensor, indices: Tensor) -> Tensor:
     if indices.numel() == 0:
         raise ValueError(f"indices must hold at least one assignment, (T, K) with T, K >= 1; "
                          f"got shape {tuple(indices.shape)}")
-    counts = F.one_hot(indices.long(), e).sum(dim=(0, 1))  # (E,)
-    f = counts.to(router_probs.dtype) / indices.numel()  # (E,) eq. 5, share of T*K
+    counts = torch.bincount(indices.reshape(-1).long(), minlength=e)  # (E,)
+    return switch_loss_from_counts(router_probs, counts, indices.numel()).loss
+
+
+class SwitchLoss(NamedTuple):
+    """Output of `switch_loss_from_counts`."""
+
+    loss: Tensor  # () E * sum_e f_e * P_e, Switch eq. 4
+    f: Tensor  # (E,) share of the assignments routed to each expert, eq. 5 (no gradient)
+
+
+def switch_loss_from_counts(router_probs: Tensor, counts: Tensor,
+                            n_assignments: int) -> SwitchLoss:
+    """The Switch loss from per-expert assignment counts `(E,)`: eq. 4-6 in three lines.
+
+    The core of `switch_aux_loss`, shared with the fast layers (`moe_course.fused`, which
+    keeps `f` for its hand-written backward, and `TopKMoE`'s padded layout), which count
+    the assignments while sorting them. Inputs are assumed checked by the caller.
+
+    >>> switch_loss_from_counts(torch.full((4, 2), 0.5), torch.tensor([3, 1]), 4).loss
+    tensor(1.)
+    """
+    f = counts.to(router_probs.dtype) / n_assignments  # (E,) eq. 5, share of T*K
     p = router_probs.mean(0)  # (E,) eq. 6
-    return e * (f * p).sum()  # eq. 4 with alpha = 1
+    return SwitchLoss(router_probs.shape[1] * torch.dot(f, p), f)  # eq. 4 with alpha = 1
 
 
 def router_z_loss(logits: Tensor) -> Tensor:

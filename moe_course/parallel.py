@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from .capacity import capacity_positions, expert_capacity
 from .experts import Expert
 from .gating import top_k_gating
-from .layers import MoEFeedForward, MoEOutput, TokenChoice
+from .layers import MoEFeedForward, MoEOutput, TokenChoice, token_rows
 from .losses import router_z_loss, switch_aux_loss
 from .validation import experts_list, float_tensor, index_tensor, positive_float, positive_int
 
@@ -376,12 +376,7 @@ class ExpertParallelMoE(nn.Module):
         return shard
 
     def forward(self, x: Tensor) -> MoEOutput:
-        float_tensor("x", x, shape_hint="(B, S, D) or (T, D)")
-        d = self.gate.in_features
-        if x.shape[-1] != d or x.dim() not in (2, 3):
-            raise ValueError(f"x must be (B, S, D) or (T, D) with D = {d}; got shape "
-                             f"{tuple(x.shape)}")
-        flat = x.reshape(-1, d)  # (T, D)
+        flat = token_rows(x, self.gate.in_features)  # (T, D)
         logits = self.gate(flat)  # (T, E)
         weights, indices = top_k_gating(logits, self.k)  # (T, K), (T, K)
         y = expert_parallel_sparse_moe(flat, self.experts, weights, indices, self.group)  # (T, D)

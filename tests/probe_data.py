@@ -1,18 +1,47 @@
 """What may cross the grader's process boundary: plain data, compared exactly; and the
 generic assertions every exercise's probes and checks must satisfy.
 
-Shared by the check tests of every notebook (tests/test_checks*.py).
+Shared by the check tests of every notebook (tests/test_checks_NN.py) and by the checks
+they all share (tests/test_checks_common.py).
 """
 
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from moe_course.grading import EXERCISES, CheckFailure, check, judge_probe, run_probe
+
+SQRT2 = math.sqrt(2.0)
+
+
+def fails(grade_id: str, obj: Any, hidden: bool | None = None) -> str:
+    """Run the visible (and hidden) checks; return the first failure's message."""
+    for h in ((False, True) if hidden is None else (hidden,)):
+        try:
+            check(grade_id, obj, hidden=h)
+        except CheckFailure as failure:
+            return failure.message
+    raise AssertionError(f"{grade_id}: {obj!r} passed every check")
+
+
+class LoopExpert(nn.Module):
+    """A correct `Expert` of notebook 01 (erf written out instead of F.gelu), also the expert
+    of the learner-style layers of notebook 05's check tests."""
+
+    def __init__(self, d_model: int, d_hidden: int) -> None:
+        super().__init__()
+        self.w_in = nn.Linear(d_model, d_hidden)
+        self.w_out = nn.Linear(d_hidden, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w_in(x)
+        return self.w_out(0.5 * h * (1.0 + torch.erf(h / SQRT2)))
 
 
 def equal(a: Any, b: Any) -> bool:

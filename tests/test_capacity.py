@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moe_course import apply_capacity, capacity_positions, expert_capacity, sparse_moe
+from moe_course.capacity import group_by_expert
 
 SEEDS = [0, 1, 2, 3]
 
@@ -208,3 +209,28 @@ def test_gradient_flows_only_through_kept_weights() -> None:
     assert weights.grad is not None
     assert (weights.grad[out.keep] != 0).all()
     assert (weights.grad[~out.keep] == 0).all()
+
+
+@pytest.mark.parametrize(("t", "k", "e", "capacity"), [
+    (40, 3, 5, 6), (40, 3, 5, None), (1, 1, 1, 0), (7, 2, 9, 1), (64, 4, 4, 64), (33, 2, 3, 11)])
+def test_group_by_expert_equals_capacity_positions_and_apply_capacity(t, k, e, capacity):
+    """The fast layers' one-sort grouping (capacity.group_by_expert) against the readable
+    reference functions it must equal."""
+    gen = torch.Generator().manual_seed(9 + t + k + e)
+    indices = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])  # (T, K)
+    plan = group_by_expert(indices, e, capacity=capacity)
+    assert torch.equal(plan.positions, capacity_positions(indices, e))
+    weights = torch.rand(t, k, generator=gen)
+    if capacity is not None:
+        assert torch.equal(plan.keep, apply_capacity(weights, indices, capacity).keep)
+    else:
+        assert bool(plan.keep.all())
+    assert torch.equal(plan.routed, torch.bincount(indices.reshape(-1), minlength=e))
+    expert_of = indices.reshape(-1)[plan.order]  # (M,)
+    assert bool((expert_of[1:] >= expert_of[:-1]).all())  # grouped by expert
+    assert torch.equal(plan.counts, torch.bincount(expert_of, minlength=e))
+    assert torch.equal(plan.tokens, plan.order // k)
+    assert sorted(plan.order.tolist()) == plan.keep.reshape(-1).nonzero().flatten().tolist()
+    slot = plan.positions.reshape(-1)[plan.order]  # (M,) each expert's rows in slot order
+    for ex in range(e):
+        assert slot[expert_of == ex].tolist() == list(range(int(plan.counts[ex])))

@@ -3,10 +3,10 @@ helpfully.
 
 Correct implementations written differently from the reference pass the visible and hidden
 checks silently; each planted mistake fails with its own message (never the generic
-fallback); calling the reference (directly, through an alias, wrapped, swallowing the
-tripwire) fails with "implement it yourself"; stubs and wrong return types fail with a
-message; inputs are deterministic, plain and tie-free; outputs survive
-`torch.load(weights_only=True)`, and a judge refuses missing or truncated outputs.
+fallback); wrong return types fail with a message. The checks every exercise shares (inputs
+deterministic, plain and tie-free, outputs across the process boundary, stubs, calling the
+reference) run in tests/test_checks_common.py from this module's `CORRECT`, `ALIASES` and
+`order_margins`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import probe_data
 import pytest
 import torch
 import torch.nn.functional as F
+from probe_data import fails
 
 import moe_course
 from moe_course.grading import EXERCISES, CheckFailure, check
-from moe_course.grading.inputs import MARGIN
 from moe_course.modern import aux_free_bias_update as _alias_bias_update
 from moe_course.modern import shared_expert_moe as _alias_shared
 from moe_course.modern import soft_moe as _alias_soft
@@ -35,16 +35,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def fails(grade_id: str, obj: Any, hidden: bool | None = None) -> str:
-    """Run the visible (and hidden) checks; return the first failure's message."""
-    for h in ((False, True) if hidden is None else (hidden,)):
-        try:
-            check(grade_id, obj, hidden=h)
-        except CheckFailure as failure:
-            return failure.message
-    raise AssertionError(f"{grade_id}: {obj!r} passed every check")
 
 
 # ========================================================================================
@@ -440,30 +430,6 @@ ALIASES = {"ex07_shared_expert_moe": _alias_shared,
            "ex07_sort_by_expert": _alias_sort}
 
 
-def _cheats(grade_id: str) -> list[Any]:
-    alias = ALIASES[grade_id]
-
-    def wrapper(*args, **kwargs):
-        return alias(*args, **kwargs)
-
-    def sneaky(*args, **kwargs):  # swallows the tripwire and falls back: still caught
-        try:
-            return alias(*args, **kwargs)
-        except Exception:
-            return CORRECT[grade_id][0](*args, **kwargs)
-
-    return [alias, getattr(moe_course, EXERCISES[grade_id].symbol), wrapper, sneaky]
-
-
-@pytest.mark.parametrize("grade_id", sorted(ALIASES))
-def test_calling_the_reference_earns_nothing(grade_id):
-    assert ALIASES[grade_id] is EXERCISES[grade_id].reference
-    for cheat in _cheats(grade_id):
-        for hidden in (False, True):
-            with pytest.raises(CheckFailure, match="implement it yourself"):
-                check(grade_id, cheat, hidden=hidden)
-
-
 def test_references_work_again_after_a_tripped_check():
     with pytest.raises(CheckFailure, match="implement it yourself"):
         check("ex07_sort_by_expert", lambda i, e: _alias_sort(i, e))
@@ -472,14 +438,6 @@ def test_references_work_again_after_a_tripped_check():
 
 # ========================================================================================
 # Stubs and wrong return types fail with a message, never a crash.
-
-
-@pytest.mark.parametrize("grade_id", sorted(CORRECT))
-def test_stub_fails_with_not_implemented(grade_id):
-    def stub(*args, **kwargs):
-        raise NotImplementedError
-
-    assert "is not implemented yet" in fails(grade_id, stub, hidden=False)
 
 
 WRONG_RETURNS: list[tuple[str, Any, str]] = [
@@ -504,14 +462,7 @@ def test_wrong_return_type_or_shape_is_explained(grade_id, impl, expected):
 # ========================================================================================
 # Inputs: deterministic, plain, tie-free; outputs: plain data across the process boundary.
 
-PROBES = [(gid, probe) for gid in GRADED for probe in EXERCISES[gid].visible
-          + EXERCISES[gid].hidden]
-
-
-_equal, _plain = probe_data.equal, probe_data.plain
-
-
-def _order_margins(grade_id: str, inputs: dict) -> list[float]:
+def order_margins(grade_id: str, inputs: dict) -> list[float]:
     """Gaps at every top-k boundary the probe's answer depends on (independent oracle)."""
     if grade_id == "ex07_shared_expert_moe":
         probs = torch.softmax(inputs["x"] @ inputs["w_gate"], dim=-1)
@@ -530,18 +481,9 @@ def _order_margins(grade_id: str, inputs: dict) -> list[float]:
     return []
 
 
-@pytest.mark.parametrize(("grade_id", "probe"), PROBES,
-                         ids=[f"{g}-{p.name}" for g, p in PROBES])
-def test_inputs_are_deterministic_tie_free_plain_and_outputs_round_trip(grade_id, probe):
-    exercise = EXERCISES[grade_id]
-    first, second = probe_data.inputs_twice(probe)
-    for gap in _order_margins(grade_id, first):
-        assert gap > MARGIN
-    probe_data.judged_after_round_trip(exercise, probe, CORRECT[grade_id][0], first, second)
-
-
 def test_order_dependent_probes_are_covered_by_the_tie_check():
-    covered = {(gid, p.name) for gid, p in PROBES if _order_margins(gid, p.inputs())}
+    covered = {(gid, p.name) for gid in GRADED for p in EXERCISES[gid].visible
+               + EXERCISES[gid].hidden if order_margins(gid, p.inputs())}
     assert {gid for gid, _ in covered} == {"ex07_shared_expert_moe",
                                            "ex07_aux_free_bias_update"}
 
@@ -554,10 +496,3 @@ def test_sort_probes_have_ties_and_idle_experts():
         assert int(counts.max()) >= 2  # stability is observable
         if inputs["n_experts"] > 1:
             assert int(counts.min()) == 0  # an idle expert must be counted as 0
-
-
-@pytest.mark.parametrize(("grade_id", "probe"), PROBES,
-                         ids=[f"{g}-{p.name}" for g, p in PROBES])
-def test_judge_refuses_missing_or_truncated_outputs(grade_id, probe):
-    probe_data.judge_refuses_missing_or_truncated(EXERCISES[grade_id], probe,
-                                                  CORRECT[grade_id][0])

@@ -14,9 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from moe_course.capacity import apply_capacity, capacity_positions, expert_capacity
+from moe_course.capacity import apply_capacity, expert_capacity
 from moe_course.expert_choice import ExpertChoice
-from moe_course.experts import Expert, ExpertBank, SwiGLUExpert, grouped_linear
+from moe_course.experts import (
+    EXPERT_KINDS,
+    Expert,
+    ExpertBank,
+    ExpertKind,
+    Param,
+    SwiGLUExpert,
+    grouped_linear,
+    linear_map,
+)
+from moe_course.fused import KERNELS
 from moe_course.gating import top_k_gating
 from moe_course.layers import (
     DenseFFN,
@@ -226,18 +236,6 @@ def test_losses_and_load_match_the_reference_functions():
                                                out.routing.indices))
     assert_close(out.z_loss, router_z_loss(out.logits))
     assert float(out.expert_load.sum()) == 20.0
-
-
-def test_group_by_expert_matches_capacity_positions():
-    gen = torch.Generator().manual_seed(9)
-    indices = torch.randint(0, 5, (40, 3), generator=gen)
-    plan = group_by_expert(indices, 5, capacity=6)
-    assert torch.equal(plan.positions, capacity_positions(indices, 5))
-    assert torch.equal(plan.keep, plan.positions < 6)
-    assert torch.equal(plan.routed, torch.bincount(indices.reshape(-1), minlength=5))
-    expert_of = indices.reshape(-1)[plan.order]  # (M,)
-    assert bool((expert_of[1:] >= expert_of[:-1]).all())  # grouped by expert
-    assert_close(plan.counts, torch.bincount(expert_of, minlength=5))
 
 
 @pytest.mark.parametrize("noisy", [False, True])
@@ -501,3 +499,57 @@ def test_bad_noise_raises_value_error():
             padded(x, noise=bad)
         with pytest.raises(ValueError, match="^noise (and x @ w_gate )?must"):
             padded.loop_forward(x, noise=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# An expert kind is one row of EXPERT_KINDS (CONTRIBUTING.md, "Add an expert kind"), followed
+# here with a ReLU expert (Shazeer et al. 2017's): the bank, the layer, its oracle and the
+# dense FFN take it with no other change; with no fused kernels TopKMoE runs it padded.
+
+
+class _ReluExpert(torch.nn.Module):
+    def __init__(self, d_model: int, d_hidden: int) -> None:
+        super().__init__()
+        self.w_in = torch.nn.Linear(d_model, d_hidden)
+        self.w_out = torch.nn.Linear(d_hidden, d_model)
+
+    def forward(self, x):
+        return self.w_out(F.relu(self.w_in(x)))
+
+
+def _relu_expert(x, w_in, b_in, w_out, b_out, linear=linear_map):
+    return linear(F.relu(linear(x, w_in, b_in)), w_out, b_out)
+
+
+@pytest.fixture
+def relu_kind(monkeypatch):
+    params = (Param("w_in", "w_in", "weight"), Param("b_in", "w_in", "bias"),
+              Param("w_out", "w_out", "weight"), Param("b_out", "w_out", "bias"))
+    monkeypatch.setitem(EXPERT_KINDS, "relu", ExpertKind(_ReluExpert, params, _relu_expert))
+
+
+def test_an_expert_kind_added_to_the_table_runs_everywhere(relu_kind):
+    torch.manual_seed(11)
+    experts = [_ReluExpert(D, H) for _ in range(E)]
+    bank = ExpertBank.from_modules(experts)
+    assert bank.kind == "relu" and bank.w_out.shape == (E, H, D) and bank.b_in.shape == (E, H)
+    x = torch.randn(6, D)
+    for e, expert in enumerate(experts):
+        assert_close(bank.expert_fn(e)(x), expert(x))
+    for a, b in zip(bank.to_modules(), experts, strict=True):
+        assert_close(a(x), b(x))
+    xs = torch.randn(E, 3, D)
+    assert_close(bank(xs), torch.stack([experts[e](xs[e]) for e in range(E)]))
+    assert_close(bank.grouped(x, [2, 0, 3, 1]),
+                 torch.cat([experts[0](x[:2]), experts[2](x[2:5]), experts[3](x[5:])]))
+    layer = TopKMoE(D, H, E, k=2, capacity_factor=1.0, expert="relu").double()
+    assert "relu" not in KERNELS  # no hand-written kernels: the padded, autograd layout
+    x = torch.randn(10, D, dtype=torch.float64, requires_grad=True)
+    fast, slow = layer(x), layer.loop_forward(x)
+    assert_close(fast.y, slow.y)
+    (g_fast,) = torch.autograd.grad(fast.y.sum() + fast.aux_loss, x)
+    (g_slow,) = torch.autograd.grad(slow.y.sum() + slow.aux_loss, x)
+    assert_close(g_fast, g_slow)
+    assert DenseFFN(D, H, expert="relu")(torch.randn(2, 3, D)).shape == (2, 3, D)
+    with pytest.raises(ValueError, match="expert must be one of .*'relu'"):
+        ExpertBank(D, H, E, expert="tanh")

@@ -20,13 +20,15 @@ or `MOE_COURSE_GRADING` set) no ipywidgets are built at all: the objects display
 static figure only. Bad input (a routing function returning the wrong shapes or raising,
 NaN logits, `k > E`) becomes a readable message in the widget, never a traceback.
 
+The routers are the rows of `moe_course.routers.ROUTERS`, the one table that the explorer
+(its dropdown, the controls each router enables, the computation) and `MoEFeedForward` read.
+
 Figures use `matplotlib.figure.Figure` directly (the Agg canvas, no pyplot state) and are
 reused between updates, so one slider change costs one small redraw.
 """
 
 from .base import DPI, ERROR_COLOR, fast_mode
 from .explorer import (
-    CAPACITY_ROUTERS,
     D_MODEL,
     MAX_EXPERTS,
     MAX_TOKENS,
@@ -41,7 +43,7 @@ from .timeline import LoadTimeline, TimelineState
 from .tokens import DROPPED_COLOR, TokenRoutingView, expert_colors
 
 __all__ = [
-    "CAPACITY_ROUTERS", "D_MODEL", "DPI", "DROPPED_COLOR", "ERROR_COLOR", "MAX_EXPERTS",
+    "D_MODEL", "DPI", "DROPPED_COLOR", "ERROR_COLOR", "MAX_EXPERTS",
     "MAX_TOKENS", "ROUTERS", "LoadTimeline", "RoutingExplorer", "RoutingFigure",
     "RoutingState", "TimelineState", "TokenRoutingView", "draw_routing", "expert_colors",
     "explore", "fast_mode",

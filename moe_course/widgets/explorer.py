@@ -8,6 +8,7 @@ loss, z-loss). All routing math is the reference package's.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -16,10 +17,10 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..capacity import apply_capacity, expert_capacity
-from ..expert_choice import expert_choice_capacity, expert_choice_routing, experts_per_token
-from ..gating import noisy_logits, top_k_gating
+from ..expert_choice import ExpertChoice, experts_per_token
+from ..gating import noisy_logits
 from ..losses import cv_squared, router_z_loss, switch_aux_loss
+from ..routers import ROUTERS, Select, router_row
 from ..validation import float_tensor, positive_float, positive_int
 from .base import (
     DPI,
@@ -31,15 +32,8 @@ from .base import (
     _wrap,
 )
 
-ROUTERS = {  # router key -> label shown in the widget's dropdown
-    "dense": "dense softmax (every expert)",
-    "top_k": "top-k (Shazeer 2017)",
-    "noisy_top_k": "noisy top-k (Shazeer eq. 4)",
-    "top_k_capacity": "top-k + capacity (GShard)",
-    "switch": "switch top-1 + capacity",
-    "expert_choice": "expert choice (Zhou 2022)",
-}
-CAPACITY_ROUTERS = ("top_k_capacity", "switch", "expert_choice")  # use capacity_factor
+# The routers are the rows of `moe_course.routers.ROUTERS` (re-exported here): the
+# dropdown, the controls each router enables and the computation all read that table.
 MAX_TOKENS = 512  # largest T that `explore` generates a router for
 MAX_EXPERTS = 64  # largest E that `explore` generates a router for
 D_MODEL = 16  # width of the synthetic tokens behind the generated logits
@@ -54,7 +48,7 @@ RoutingFn = Callable[[Tensor, int], Any]
 class RoutingState(NamedTuple):
     """Everything `RoutingExplorer` draws, computed by `explore` from the reference functions."""
 
-    router: str  # a key of ROUTERS
+    router: str  # a key of ROUTERS (moe_course.routers)
     logits: Tensor  # (T, E) router logits after temperature (and noise)
     gates: Tensor  # (T, E) gate weight of every assignment, before capacity; 0 off it
     assigned: Tensor  # (T, E) bool, the token chose the expert (or the expert the token)
@@ -66,11 +60,12 @@ class RoutingState(NamedTuple):
     load_cv2: float  # cv_squared(load), 0 when perfectly balanced
     switch_loss: float  # switch_aux_loss(softmax(logits), indices); nan for expert choice
     z_loss: float  # router_z_loss(logits)
+    expert_choice: bool = False  # the experts chose the tokens: no drops, unchosen tokens
 
     @property
     def n_dropped(self) -> int:
         """Dropped assignments (token choice) or tokens no expert chose (expert choice)."""
-        if self.router == "expert_choice":
+        if self.expert_choice:
             return int((self.experts_per_token == 0).sum())
         return int(self.dropped.sum())
 
@@ -149,20 +144,40 @@ def _check_routing(first: Any, second: Any, shape: tuple[int, int], names: tuple
     return first.detach(), second.detach().long()
 
 
+def _checked_select(routing_fn: RoutingFn, reference: Select, n_tokens: int,
+                    n_experts: int) -> Select:
+    """`routing_fn` in place of the router's selection step `reference`, its results
+    checked against the shape and field names of the reference's (readable ValueErrors)."""
+    arg = list(inspect.signature(reference).parameters)[1]  # "k" or "capacity"
+
+    def select(logits: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        ref = reference(logits, n)  # TopK (T, K) or ExpertChoice (E, C)
+        names = ref._fields
+        shape = tuple(ref[0].shape)
+        upper = n_experts if shape[0] == n_tokens else n_tokens  # indices index the other axis
+        out = _call_routing_fn(routing_fn, logits, n, arg)
+        return _check_routing(*_pair(out, f"({', '.join(names)})"), shape, names, upper,
+                              f"like {reference.__name__}'s")
+
+    return select
+
+
 def explore(router: str = "top_k", n_tokens: int = 32, n_experts: int = 8, k: int = 2,
             capacity_factor: float = 1.0, noise_scale: float = 1.0, temperature: float = 1.0,
             seed: int = 0, logits: Tensor | None = None,
             routing_fn: RoutingFn | None = None) -> RoutingState:
     """Route `T` tokens to `E` experts with a reference router and measure the result.
 
-    `router` is a key of `ROUTERS`: `"dense"` (every expert, top-k with `k = E`), `"top_k"`
+    `router` is a key of `ROUTERS` (`moe_course.routers`, the one router table: a row added
+    there shows up here), built in: `"dense"` (every expert, top-k with `k = E`), `"top_k"`
     and `"noisy_top_k"` (Shazeer et al. 2017, arXiv 1701.06538, eq. 3-5, no capacity),
     `"top_k_capacity"` (GShard, arXiv 2006.16668: `expert_capacity(T, E, c, k)` slots),
     `"switch"` (Fedus et al., arXiv 2101.03961: top-1 with capacity) or `"expert_choice"`
     (Zhou et al., arXiv 2202.09368: each expert takes `expert_choice_capacity(T, E, c)`
     tokens). `logits` `(T, E)` replaces the synthetic random router (then `n_tokens` and
     `n_experts` are ignored and noise is `noise_scale` times a standard normal); they are
-    divided by `temperature` either way. `routing_fn` replaces the reference router:
+    divided by `temperature` either way. `routing_fn` replaces the router's selection step
+    (its row's `select`; capacity and the rest stay the reference's):
     `routing_fn(logits, k) -> (weights, indices)`, both `(T, K)`, for token choice (a
     learner's `top_k_gating`), `routing_fn(logits, C) -> (gates, token_idx)`, both `(E, C)`,
     for expert choice. Raises `ValueError` with a readable message on bad input.
@@ -173,23 +188,25 @@ def explore(router: str = "top_k", n_tokens: int = 32, n_experts: int = 8, k: in
     >>> explore("expert_choice", n_tokens=8, n_experts=4, capacity_factor=1.0).load
     tensor([2., 2., 2., 2.])
     """
-    if router not in ROUTERS:
-        raise ValueError(f"router must be one of {tuple(ROUTERS)}; got {router!r}")
+    row = router_row(router)
     temperature = positive_float("temperature", temperature)
     if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not (
             0 <= noise_scale < float("inf")):
         raise ValueError(f"noise_scale must be a finite number >= 0; got {noise_scale!r}")
     seed = positive_int("seed", seed, minimum=0)
-    if router in CAPACITY_ROUTERS:
+    if row.uses_capacity:
         capacity_factor = positive_float("capacity_factor", capacity_factor)
     if routing_fn is not None and not callable(routing_fn):
         raise ValueError(f"routing_fn must be callable; got {type(routing_fn).__name__}")
+    if routing_fn is not None and row.select is None:
+        raise ValueError(f"router {router!r} has no selection step that a routing_fn could "
+                         f"replace; pick one of {[n for n, r in ROUTERS.items() if r.select]}")
 
-    noisy = router == "noisy_top_k"
     if logits is None:
         t = positive_int("n_tokens", n_tokens, maximum=MAX_TOKENS)
         e = positive_int("n_experts", n_experts, maximum=MAX_EXPERTS)
-        logits = _synthetic_logits(t, e, temperature, float(noise_scale), noisy, seed)  # (T, E)
+        logits = _synthetic_logits(t, e, temperature, float(noise_scale), row.noisy,
+                                   seed)  # (T, E)
     else:
         float_tensor("logits", logits, ndim=2, shape_hint="(T, E)")
         t, e = logits.shape
@@ -197,25 +214,31 @@ def explore(router: str = "top_k", n_tokens: int = 32, n_experts: int = 8, k: in
             raise ValueError(f"logits must be (T, E) with T, E >= 1; got {tuple(logits.shape)}")
         _check_logits("logits", logits)
         logits = logits.detach().float() / temperature  # (T, E)
-        if noisy:
+        if row.noisy:
             g = torch.Generator().manual_seed(seed)
             # Shazeer eq. 4 with a constant noise std: there is no x to compute softplus(x W_n)
             logits = logits + noise_scale * torch.randn(t, e, generator=g)  # (T, E)
     _check_logits("router logits", logits)
     z_loss = float(router_z_loss(logits))  # ST-MoE eq. 5
     probs = torch.softmax(logits, dim=-1)  # (T, E)
+    if row.uses_k and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= e):
+        raise ValueError(f"k must be an integer between 1 and E = {e} (the number of "
+                         f"experts); got k = {k!r}")
 
-    if router == "expert_choice":
-        capacity = expert_choice_capacity(t, e, capacity_factor)
-        if routing_fn is None:
-            gates_ec, token_idx = expert_choice_routing(logits, capacity)  # (E, C), (E, C)
-        else:
-            out = _call_routing_fn(routing_fn, logits, capacity, "capacity")
-            gates_ec, token_idx = _check_routing(*_pair(out, "(gates, token_idx)"), (e, capacity),
-                                                 ("gates", "token_idx"), t,
-                                                 f"(E, C) = ({e}, {capacity})")
-        expert_ids = torch.arange(e)[:, None].expand(e, capacity)  # (E, C)
-        gates = torch.zeros(t, e).index_put((token_idx, expert_ids), gates_ec.float())  # (T, E)
+    chosen: list[tuple[Tensor, Tensor]] = []  # the selection, before capacity drops any
+    step = row.select if routing_fn is None else _checked_select(routing_fn, row.select, t, e)
+
+    def select(logits: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        chosen.append(step(logits, n))  # type: ignore[misc]
+        return chosen[-1]
+
+    routing, capacity = row(logits, k, capacity_factor if row.uses_capacity else None,
+                            select if row.select is not None else None)
+    if isinstance(routing, ExpertChoice):
+        gates_ec, token_idx = routing.gates.detach().float(), routing.token_idx  # (E, C) each
+        c = token_idx.shape[1]
+        expert_ids = torch.arange(e)[:, None].expand(e, c)  # (E, C)
+        gates = torch.zeros(t, e).index_put((token_idx, expert_ids), gates_ec)  # (T, E)
         assigned = torch.zeros(t, e, dtype=torch.bool).index_put(
             (token_idx, expert_ids), torch.tensor(True))  # (T, E)
         dropped = torch.zeros(t, e, dtype=torch.bool)  # (T, E): expert choice never drops
@@ -223,24 +246,9 @@ def explore(router: str = "top_k", n_tokens: int = 32, n_experts: int = 8, k: in
         drop_rate = float((per_token == 0).float().mean())
         switch = float("nan")
     else:
-        kk = {"dense": e, "switch": 1}.get(router, k)
-        if isinstance(kk, bool) or not isinstance(kk, int) or not 1 <= kk <= e:
-            raise ValueError(f"k must be an integer between 1 and E = {e} (the number of "
-                             f"experts); got k = {kk!r}")
-        if routing_fn is None:
-            weights, indices = top_k_gating(logits, kk)  # (T, K), (T, K)
-        else:
-            out = _call_routing_fn(routing_fn, logits, kk, "k")
-            weights, indices = _check_routing(*_pair(out, "(weights, indices)"), (t, kk),
-                                              ("weights", "indices"), e,
-                                              f"(T, K) = ({t}, {kk})")
-        weights = weights.float()
-        keep = torch.ones_like(indices, dtype=torch.bool)  # (T, K)
-        capacity = None
-        if router in CAPACITY_ROUTERS:
-            capacity = expert_capacity(t, e, capacity_factor, kk)
-            _, keep = apply_capacity(weights, indices, capacity)  # (T, K): GShard priority
-        gates = torch.zeros(t, e).scatter(1, indices, weights)  # (T, E)
+        indices, keep = routing.indices, routing.keep  # (T, K), (T, K)
+        weights = chosen[-1][0] if chosen else routing.weights  # (T, K) before capacity
+        gates = torch.zeros(t, e).scatter(1, indices, weights.detach().float())  # (T, E)
         assigned = torch.zeros(t, e, dtype=torch.bool).scatter(1, indices, True)  # (T, E)
         dropped = torch.zeros(t, e, dtype=torch.bool).scatter(1, indices, ~keep)  # (T, E)
         per_token = keep.sum(1)  # (T,)
@@ -248,15 +256,16 @@ def explore(router: str = "top_k", n_tokens: int = 32, n_experts: int = 8, k: in
         switch = float(switch_aux_loss(probs, indices))  # Switch eq. 4-6
     load = (assigned & ~dropped).sum(0).float()  # (E,)
     return RoutingState(router, logits, gates, assigned, dropped, load, capacity, per_token,
-                        drop_rate, float(cv_squared(load)), switch, z_loss)
+                        drop_rate, float(cv_squared(load)), switch, z_loss,
+                        isinstance(routing, ExpertChoice))
 
 
 def _status_line(state: RoutingState) -> str:
     t, e = state.gates.shape
     switch = "n/a" if math.isnan(state.switch_loss) else f"{state.switch_loss:.3f}"
-    what = "unchosen tokens" if state.router == "expert_choice" else "drop rate"
+    what = "unchosen tokens" if state.expert_choice else "drop rate"
     cap = "none" if state.capacity is None else str(state.capacity)
-    return (f"{ROUTERS[state.router]}   T={t} E={e} C={cap}   {what} "
+    return (f"{ROUTERS[state.router].label}   T={t} E={e} C={cap}   {what} "
             f"{100 * state.drop_rate:.1f}%   load CV\u00b2 {state.load_cv2:.3f}   "
             f"switch loss {switch}   z-loss {state.z_loss:.2f}")
 
@@ -378,7 +387,7 @@ def draw_routing(state: RoutingState) -> Figure:
 
 def _numbers_html(state: RoutingState) -> str:
     switch = "n/a" if math.isnan(state.switch_loss) else f"{state.switch_loss:.3f}"
-    what = "tokens no expert chose" if state.router == "expert_choice" else "dropped"
+    what = "tokens no expert chose" if state.expert_choice else "dropped"
     cap = "none" if state.capacity is None else state.capacity
     return ("<div style='font-family:monospace'>"
             f"capacity C = {cap} &nbsp;|&nbsp; {what}: {state.n_dropped} "
@@ -454,7 +463,7 @@ class RoutingExplorer(_PngDisplay):
                        continuous_update=False, style=style, layout=lay, tooltip=tip)
 
         c = self.controls
-        c["router"] = w.Dropdown(options=[(label, key) for key, label in ROUTERS.items()],
+        c["router"] = w.Dropdown(options=[(row.label, key) for key, row in ROUTERS.items()],
                                  value=p["router"] if p["router"] in ROUTERS else "top_k",
                                  description="router", style=style, layout=lay)
         c["n_tokens"] = slider(w.IntSlider, "n_tokens", 2, 128, 1, "tokens T", "tokens")
@@ -484,10 +493,10 @@ class RoutingExplorer(_PngDisplay):
 
     def _sync_enabled(self) -> None:
         """Grey out the controls the chosen router (or fixed logits) does not use."""
-        c, router = self.controls, self.controls["router"].value
-        c["k"].disabled = router in ("dense", "switch", "expert_choice")
-        c["capacity_factor"].disabled = router not in CAPACITY_ROUTERS
-        c["noise_scale"].disabled = router != "noisy_top_k"
+        c, row = self.controls, ROUTERS[self.controls["router"].value]
+        c["k"].disabled = not row.uses_k
+        c["capacity_factor"].disabled = not row.uses_capacity
+        c["noise_scale"].disabled = not row.noisy
         for name in ("n_tokens", "n_experts"):
             c[name].disabled = self.logits is not None
 
