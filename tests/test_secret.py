@@ -22,9 +22,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
-from test_checks import CORRECT as CORRECT_01_05
-from test_checks_06 import CORRECT as CORRECT_06
-from test_checks_07 import CORRECT as CORRECT_07
+from test_checks_common import NOTEBOOKS
 
 from moe_course.grading import EXERCISES, check
 from moe_course.grading.grade import secret_source
@@ -32,7 +30,7 @@ from moe_course.grading.pytest_grader import probe_inputs, use_secret
 from moe_course.grading.secret import ENV, ENV_FILE, hidden_inputs, probe_salt, read_secret_file
 
 ROOT = Path(__file__).resolve().parent.parent
-CORRECT = {**CORRECT_01_05, **CORRECT_06, **CORRECT_07}
+CORRECT = {gid: impls for module in NOTEBOOKS.values() for gid, impls in module.CORRECT.items()}
 GRADED = [gid for gid, ex in EXERCISES.items() if ex.kind != "written"]
 
 

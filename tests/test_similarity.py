@@ -22,9 +22,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from test_checks import CORRECT as CORRECT_01_05
-from test_checks_06 import CORRECT as CORRECT_06
-from test_checks_07 import CORRECT as CORRECT_07
+from test_checks_common import NOTEBOOKS
 from test_grader import solution_sources, submission
 
 from moe_course.grading import EXERCISES
@@ -37,7 +35,7 @@ from moe_course.grading.autograde.similarity import (
     normalise,
 )
 
-CORRECT = {**CORRECT_01_05, **CORRECT_06, **CORRECT_07}
+CORRECT = {gid: impls for module in NOTEBOOKS.values() for gid, impls in module.CORRECT.items()}
 ASSIGNMENTS = sorted({ex.assignment for ex in EXERCISES.values()})
 SOLUTIONS = {gid: src for a in ASSIGNMENTS for gid, src in solution_sources(a).items()
              if gid in EXERCISES and EXERCISES[gid].kind != "written"}
