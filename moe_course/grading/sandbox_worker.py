@@ -582,7 +582,8 @@ def _close_figures() -> None:
 
 
 if __name__ == "__main__":
-    # Run as the package module, not as __main__: tripwires import it by name.
+    # Run as the package module, not as __main__: the guard knows the walls' audit hook
+    # for the grader's by its code, found in the moe_course.grading modules.
     from moe_course.grading import sandbox_worker
 
     if sys.argv[1:2] == ["--zygote"]:
