@@ -5,6 +5,8 @@ The course is its own nbgrader course directory: `solutions/` holds the source n
 `moe-course release` regenerates through nbgrader's own `generate_assignment`.
 """
 
+import os
+
 from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
 from nbgrader.preprocessors import ClearHiddenTests, GetGrades
 
@@ -28,3 +30,11 @@ c.GenerateFeedback.preprocessors = [GetGrades, CSSHTMLHeaderPreprocessor, ClearH
 # Hidden tests and solutions use nbgrader's default delimiters.
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
 c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
+
+# Hidden checks' inputs derive from the course secret (README, "Hidden inputs"): the file
+# `.moe_course_secret` beside this config, readable by the instructor only and never
+# released. nbgrader's kernels inherit its environment, so the hidden tests cells read the
+# secret at check time; `moe-course grade` finds the same file in the course directory.
+_SECRET = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".moe_course_secret")
+if os.path.isfile(_SECRET):
+    os.environ.setdefault("MOE_COURSE_SECRET_FILE", _SECRET)

@@ -4,6 +4,7 @@
     moe-course release [--check]  regenerate notebooks/ from solutions/ (or verify it)
     moe-course test [PYTEST ARGS]  the whole test suite (lint, doctests, notebooks, browser)
     moe-course grade PATH... --out DIR  grade submissions with the pytest grader (--help)
+    moe-course similarity PATH... --out DIR  report near-identical answers (--help)
 """
 
 from __future__ import annotations
@@ -126,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["grade"]:  # it parses its own options, --help included
         return _grade(argv[1:])
+    if argv[:1] == ["similarity"]:  # so does this one
+        from .grading.autograde.similarity import main as similarity_main
+
+        return similarity_main(argv[1:])
     parser = argparse.ArgumentParser(prog="moe-course", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest")
     test.set_defaults(func=_test)
     sub.add_parser("grade", help="grade submitted notebooks with the pytest grader")
+    sub.add_parser("similarity", help="report near-identical answers, for the instructor")
     args, unknown = parser.parse_known_args(argv)
     if args.command == "lab":
         args.extra = unknown  # everything else goes to jupyter lab (--port, --no-browser, ...)

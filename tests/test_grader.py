@@ -360,37 +360,35 @@ TRIPWIRE_SCRIPT = """
 import types, torch
 import moe_course.gating as gating
 from moe_course import experts
-from moe_course.grading import exercises_for
+from moe_course.grading import EXERCISES
 from moe_course.grading.guard import ReferenceCalled, reference_guard
-from moe_course.grading.autograde import worker as w
 x, w_gate = torch.randn(3, 4), torch.randn(4, 2)
 expected = torch.softmax(x @ w_gate, dim=-1)
 alias = gating.softmax_gate
-w.install_tripwires(exercises_for("01_experts_and_gating"))
 copy = types.FunctionType(gating.softmax_gate.__code__, gating.softmax_gate.__globals__)
 forward = experts.Expert.forward
 results = [torch.allclose(copy(x, w_gate), expected), torch.allclose(alias(x, w_gate), expected)]
 for probing, fn in [("ex01_softmax_gate", copy), ("ex01_dense_moe", copy),
-                    ("ex01_expert", lambda: forward(experts.Expert(4, 5), x))]:
-    w._PROBING[0] = probing
-    with reference_guard(None) as guard:
+                    ("ex01_expert", lambda *_: forward(experts.Expert(4, 5), x))]:
+    with reference_guard(*EXERCISES[probing].references):
         try:
-            fn(x, w_gate) if probing != "ex01_expert" else fn()
+            fn(x, w_gate)
             results.append("ran")
         except ReferenceCalled:
             results.append("tripped")
-    w._PROBING[0] = None
+results.append(torch.allclose(copy(x, w_gate), expected))
 print(results)
 """
 
 
 def test_references_trip_only_while_their_own_exercise_is_checked() -> None:
-    """Installed before learner code, a tripwire catches aliases and even copies of the
-    function object; other exercises and plain cells can still use the reference."""
+    """While an exercise is checked, its reference's code trips however it is reached (an
+    alias, a copy of the function object, a method of the class); other exercises and plain
+    cells can still use it, before and after."""
     done = subprocess.run([sys.executable, "-c", TRIPWIRE_SCRIPT], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[True, True, 'tripped', 'ran', 'tripped']"
+    assert done.stdout.strip() == "[True, True, 'tripped', 'ran', 'tripped', True]"
 
 
 WALLED = [

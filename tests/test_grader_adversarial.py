@@ -223,7 +223,7 @@ CASES = [
          {S: "import types\nimport moe_course.gating\n_ref = moe_course.gating.softmax_gate\n"
              "_copy = types.FunctionType(_ref.__code__, _ref.__globals__, 'softmax_gate')\n\n"
              "def softmax_gate(x, w_gate):\n    return _copy(x, w_gate)\n"},
-         (2, 0, 2), (2, 1, 2)),
+         (2, 0, 2), (2, 0, 2)),
     Case("steals_a_file", "reading another student's notebook and running its answer",
          {D: STEAL + "_steal('__CORRECT__')\n"}, (2, 1, 0), (2, 1, 2)),
     Case("steals_via_proc", "finding the class's folder in other processes' `/proc` "

@@ -34,7 +34,7 @@ TOP_DOWN = [
 ]
 CHECKS = "grading.checks"
 CORE = {"grading", "grading.registry", "grading.runner", "grading.guard", "grading.probe",
-        "grading.recording", "grading.inputs"}
+        "grading.recording", "grading.inputs", "grading.secret"}
 AUTOGRADE_NAMES = {"grade", "pytest_grader", "sandbox", "sandbox_worker"}
 
 

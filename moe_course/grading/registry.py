@@ -52,6 +52,13 @@ class Exercise:
     # (raises NotImplementedError) the visible check prints "skipped" instead of failing,
     # so Run All goes on; the hidden check and both graders still give it 0 points.
     optional: bool = False
+    helpers: tuple[Any, ...] = ()  # reference helpers that do the exercise's whole work
+
+    @property
+    def references(self) -> tuple[Any, ...]:
+        """What trips while this exercise is checked: its reference and helpers that are
+        the answer (never shared utilities such as argument validation)."""
+        return (self.reference, *self.helpers) if self.reference is not None else ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -103,7 +110,8 @@ _ALL = (
     Exercise("ex03_importance_loss", _NB03, "importance_loss", 1, losses.importance_loss,
              lb.VISIBLE_IMPORTANCE_LOSS, lb.HIDDEN_IMPORTANCE_LOSS),
     Exercise("ex03_load_loss", _NB03, "load_loss", 2, losses.load_loss,
-             lb.VISIBLE_LOAD_LOSS, lb.HIDDEN_LOAD_LOSS, optional=True),
+             lb.VISIBLE_LOAD_LOSS, lb.HIDDEN_LOAD_LOSS, optional=True,
+             helpers=(losses._kth_excluding,)),
     Exercise("ex03_switch_aux_loss", _NB03, "switch_aux_loss", 2, losses.switch_aux_loss,
              lb.VISIBLE_SWITCH_AUX_LOSS, lb.HIDDEN_SWITCH_AUX_LOSS),
     Exercise("ex03_router_z_loss", _NB03, "router_z_loss", 1, losses.router_z_loss,
@@ -137,7 +145,7 @@ _ALL = (
              parallel.permute_for_all_to_all, ep.VISIBLE_PERMUTE, ep.HIDDEN_PERMUTE),
     Exercise("ex06_expert_parallel_forward", _NB06, "expert_parallel_forward", 3,
              parallel.expert_parallel_forward, ep.VISIBLE_EXPERT_PARALLEL,
-             ep.HIDDEN_EXPERT_PARALLEL),
+             ep.HIDDEN_EXPERT_PARALLEL, helpers=(parallel.expert_parallel_sparse_moe,)),
     Exercise("ex07_shared_expert_moe", _NB07, "shared_expert_moe", 2, modern.shared_expert_moe,
              mm.VISIBLE_SHARED_EXPERT_MOE, mm.HIDDEN_SHARED_EXPERT_MOE),
     Exercise("ex07_biased_top_k", _NB07, "biased_top_k", 2, modern.biased_top_k,

@@ -15,6 +15,7 @@ from torch import nn
 from .guard import ReferenceCalled, quiet, reference_guard
 from .probe import CheckFailure, Inputs, NotImplementedYet, Outputs, Probe
 from .registry import EXERCISES, Exercise
+from .secret import course_secret, hidden_inputs
 
 
 def _implement_yourself(exercise: Exercise) -> CheckFailure:
@@ -63,7 +64,7 @@ def run_probe(exercise: Exercise, probe: Probe, obj: Any, inputs: Inputs) -> Out
     problem = _kind_problem(exercise, obj)
     if problem:
         raise _failure(exercise, probe, problem)
-    with quiet(), reference_guard(exercise.reference) as guard:
+    with quiet(), reference_guard(*exercise.references) as guard:
         try:
             outputs = probe.run(obj, inputs)
         except CheckFailure as failure:
@@ -83,7 +84,10 @@ def run_probe(exercise: Exercise, probe: Probe, obj: Any, inputs: Inputs) -> Out
                                  f"{': ' + text if text else ''}")
         else:
             error = None
-    if guard.tripped:
+    if guard.tampering:
+        error = CheckFailure(f"your {exercise.symbol} tampered with the grader's guard while "
+                             f"its checks ran: {guard.tampering[0]}")
+    elif guard.tripped:
         error = _implement_yourself(exercise)
     if error is not None:
         failure = _failure(exercise, probe, error.message)
@@ -111,7 +115,8 @@ def judge_probe(exercise: Exercise, probe: Probe, inputs: Inputs, outputs: Outpu
 def check(grade_id: str, obj: Any, *, hidden: bool = False) -> None:
     """Check the learner's `obj` against exercise `grade_id`; print one line on success.
 
-    `hidden=True` runs the hidden checks instead of the visible ones. On a failure raises
+    `hidden=True` runs the hidden checks instead of the visible ones, on inputs derived from
+    the course secret when there is one (`secret.course_secret`). On a failure raises
     `CheckFailure` (an `AssertionError`) whose message names the likely mistake; in Jupyter
     it shows without a traceback.
     """
@@ -121,8 +126,9 @@ def check(grade_id: str, obj: Any, *, hidden: bool = False) -> None:
     if exercise.kind == "written":
         raise ValueError(f"{grade_id} is a written answer, graded by hand: it has no checks")
     probes = exercise.hidden if hidden else exercise.visible
+    secret = course_secret() if hidden else None
     for probe in probes:
-        inputs = probe.inputs()
+        inputs = hidden_inputs(grade_id, probe, secret) if hidden else probe.inputs()
         try:
             outputs = run_probe(exercise, probe, obj, inputs)
         except NotImplementedYet:

@@ -2,6 +2,7 @@
 
     moe-course grade PATH... --out DIR [--jobs N] [--timeout S] [--memory MB]
                      [--assignment NAME] [--shard K/N | --shard auto [--shard-count N]]
+                     [--secret-file FILE] [--similarity]
     moe-course grade --merge DIR... --out DIR
 
 PATH is a submission notebook, a folder of them, or nbgrader's `submitted/` tree
@@ -23,6 +24,14 @@ submissions, starts that run, and writes:
 
 Every file is written once, at the end, after every sandbox is gone, and atomically. The exit
 status is 0 when every submission was graded, whatever the scores.
+
+Hidden checks run on inputs derived from the course secret (`moe_course.grading.secret`):
+`--secret-file FILE`, else `$MOE_COURSE_SECRET`, else the file named by
+`$MOE_COURSE_SECRET_FILE`, else `./.moe_course_secret` (in the course directory, where
+nbgrader's config finds it too). Only this process reads it; learner code never gets it. The
+same secret gives nbgrader autograde the same inputs, hence the same points. Without one,
+the package's default inputs are used, which a learner can compute: the run says so.
+`--similarity` also writes the similarity report (`autograde.similarity`) to `--out`.
 
 A class too big for one machine is sharded: run `--shard 1/4` ... `--shard 4/4` (each takes
 every 4th submission in sorted order) on four machines, then `--merge` their output folders.
@@ -51,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from ..registry import EXERCISES, Exercise, exercises_for
+from ..secret import ENV, ENV_FILE, FILE_NAME, read_secret_file
 from .limits import Limits, add_options, from_options, to_options
 from .sandbox import Cell
 
@@ -509,13 +519,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-count", type=int, metavar="N",
                         help=f"with --shard auto in a Kubernetes Indexed Job: the number of "
                              f"shards (default: ${SHARD_COUNT_ENV})")
+    parser.add_argument("--secret-file", metavar="FILE",
+                        help="the course secret that hidden checks' inputs derive from "
+                             "(default: $MOE_COURSE_SECRET, $MOE_COURSE_SECRET_FILE, else "
+                             f"./{FILE_NAME} if it exists)")
+    parser.add_argument("--similarity", action="store_true",
+                        help="also write the similarity report (similarity.md, .csv, .json) "
+                             "to --out: near-identical answers, for review; scores unchanged")
     parser.add_argument("--merge", action="store_true",
                         help="merge the output folders PATH... of shards into --out")
     return parser
 
 
 def pytest_args(paths: Sequence[str | Path], out: str | Path, jobs: int, limits: Limits,
-                assignment: str | None, config_dir: str) -> list[str]:
+                assignment: str | None, config_dir: str, secret_file: str | None = None
+                ) -> list[str]:
     """The pytest command line of a grading run (without the leading `pytest`)."""
     ini = Path(config_dir) / "pytest.ini"
     ini.write_text("[pytest]\n")  # an empty config: no addopts, conftests or paths of others
@@ -525,6 +543,8 @@ def pytest_args(paths: Sequence[str | Path], out: str | Path, jobs: int, limits:
             "--grades-out", str(out), *to_options(limits, "grader-")]
     if assignment:
         args += ["--grader-assignment", assignment]
+    if secret_file:
+        args += ["--grader-secret-file", secret_file]
     if jobs > 1:
         if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
             args += ["-p", "xdist.plugin"]  # otherwise it is loaded as installed
@@ -533,6 +553,25 @@ def pytest_args(paths: Sequence[str | Path], out: str | Path, jobs: int, limits:
     listed.write_text(json.dumps([str(Path(path).resolve()) for path in paths]),
                       encoding="utf-8")
     return args + ["--grader-submissions", str(listed)]
+
+
+def secret_source(secret_file: str | None) -> tuple[str | None, str]:
+    """(file to pass to the plugin or None, what the run uses) for `--secret-file`; raises
+    ValueError when the secret named cannot be read or is empty."""
+    if secret_file is None and not os.environ.get(ENV, "").strip():
+        secret_file = os.environ.get(ENV_FILE, "").strip() or (
+            FILE_NAME if Path(FILE_NAME).is_file() else None)
+    if secret_file is not None:
+        try:
+            read_secret_file(secret_file)
+        except OSError as exc:
+            raise ValueError(f"cannot read the course secret {secret_file!r}: "
+                             f"{exc.strerror or exc}") from None
+        return str(Path(secret_file).resolve()), f"the course secret in {secret_file}"
+    if os.environ.get(ENV, "").strip():
+        return None, f"the course secret in ${ENV}"
+    return None, (f"no course secret (--secret-file, ${ENV}, ${ENV_FILE} or ./{FILE_NAME}): "
+                  "the package's default inputs, which learners can compute in advance")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -552,6 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.jobs > 1 and importlib.util.find_spec("xdist") is None:
             raise ValueError("--jobs > 1 needs pytest-xdist: pip install pytest-xdist")
         limits = from_options(args)
+        secret_file, secret_said = secret_source(args.secret_file)
         subs, skipped = discover(args.paths, args.assignment)
         if args.shard:
             subs = shard(subs, resolve_shard(args.shard, args.shard_count))
@@ -577,6 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("moe-course grade: --require-isolation: not grading", file=sys.stderr)
             return 2
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    print(f"moe-course grade: hidden checks: {secret_said}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="moe-grade-config-") as config_dir:
         extra = ["--require-isolation"] if args.require_isolation else []
         listed = Path(config_dir) / "skipped.json"
@@ -585,7 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra += ["--grader-skipped", str(listed)]
         if subs:
             code = pytest.main(pytest_args([s.path for s in subs], args.out, min(
-                args.jobs, len(subs)), limits, args.assignment, config_dir) + extra)
+                args.jobs, len(subs)), limits, args.assignment, config_dir, secret_file)
+                + extra)
         else:  # nothing to grade, but the skipped ones still get their gradebook
             code = 0
             write_gradebook(Path(args.out), [], skipped=skipped)
@@ -602,4 +644,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"wrote {Path(args.out) / 'grades.csv'}")
     for error in report.get("errors", []):
         print(f"not graded: {error}", file=sys.stderr)
+    if args.similarity:
+        from . import similarity
+
+        rows = similarity.run(args.paths, args.out, assignment=args.assignment)
+        print(f"similarity: {len(rows)} flagged; wrote {Path(args.out) / 'similarity.md'}")
     return 0 if report["complete"] else 1

@@ -3,7 +3,7 @@
     pytest -p moe_course.grading.autograde.pytest_plugin --noconftest --submission alice.ipynb \\
            [--submission submitted/] [--grades-out DIR] [--grader-timeout S] \\
            [--grader-memory MB] [--grader-...: every field of `Limits`] \\
-           [--require-isolation] [-n 4 --dist loadscope]
+           [--require-isolation] [--grader-secret-file FILE] [-n 4 --dist loadscope]
 
 For every submission (see `grade.find_submissions`) the plugin collects one item per
 autograded exercise, with node id `<student>/<assignment>::<grade_id>`. The first item of a
@@ -36,6 +36,7 @@ from torch import Tensor
 from ..probe import CheckFailure
 from ..registry import Exercise
 from ..runner import judge_probe
+from ..secret import course_secret, hidden_inputs, read_secret_file
 from .grade import (
     NotebookError,
     Submission,
@@ -51,13 +52,24 @@ PROPERTY = "moe_course_grade"  # user_properties key of an item's result (a JSON
 _EXERCISE_KEYS = ("exercise", "symbol", "score", "max_score", "status", "checks", "worker")
 
 _INPUTS: dict[tuple[str, str], Any] = {}  # probe inputs, made once per process
+_SECRET: list[bytes | None] = [None]  # the course secret of this run (this process only)
+
+
+def use_secret(secret: bytes | None) -> None:
+    """Derive hidden probes' inputs from `secret` from now on (None: the package's seeds)."""
+    if secret != _SECRET[0]:
+        _SECRET[0] = secret
+        _INPUTS.clear()
 
 
 def probe_inputs(exercise: Exercise, probe: Any) -> Any:
-    """The inputs of `probe`, computed once per process (they are seeded and deterministic)."""
+    """The inputs of `probe`, computed once per process (seeded and deterministic); a hidden
+    probe's derive from the course secret when the run has one (`secret.hidden_inputs`)."""
     key = (exercise.grade_id, probe.name)
     if key not in _INPUTS:
-        _INPUTS[key] = probe.inputs()
+        hidden = any(p is probe for p in exercise.hidden)
+        _INPUTS[key] = (hidden_inputs(exercise.grade_id, probe, _SECRET[0]) if hidden
+                        else probe.inputs())
     return _INPUTS[key]
 
 
@@ -292,7 +304,9 @@ class GraderSession:
                 for ex in sub.exercises if ex.kind == "written"]})
         write_gradebook(out, graded, extra={"limits": self.limits.to_dict(),
                                             "isolation": self.isolation.walls,
-                                            "walls_down": list(self.isolation.down)},
+                                            "walls_down": list(self.isolation.down),
+                                            "hidden_inputs": "course secret" if _SECRET[0]
+                                            else "package defaults"},
                         skipped=self.skipped)
 
 
@@ -313,6 +327,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="refuse to grade where any wall of the sandbox is down")
     group.addoption("--grader-assignment", default=None, metavar="NAME",
                     help="the assignment of notebooks whose path does not say it")
+    group.addoption("--grader-secret-file", default=None, metavar="FILE",
+                    help="the course secret that hidden checks' inputs derive from (default: "
+                         "$MOE_COURSE_SECRET or the file named by $MOE_COURSE_SECRET_FILE)")
 
 
 def _submission_paths(config: pytest.Config) -> list[str]:
@@ -329,4 +346,9 @@ def _submission_paths(config: pytest.Config) -> list[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("submission") or config.getoption("grader_submissions"):
+        path = config.getoption("grader_secret_file")
+        try:
+            use_secret(read_secret_file(path) if path else course_secret())
+        except (OSError, ValueError) as exc:
+            raise pytest.UsageError(f"course secret: {exc}") from None
         config.pluginmanager.register(GraderSession(config), "moe_course_grader")

@@ -2,7 +2,9 @@
 
 `run_sandboxed(cells, exercises, limits, inputs)` executes a notebook's code cells in order in
 a fresh worker process and, at each exercise's tests cell, has the worker call the learner's
-object on the probe inputs that this (trusted) process made (`plan`). It returns what came
+object on the probe inputs that this (trusted) process made (`plan`); each probe's inputs
+are sent only when the worker asks for them, as that probe runs under its exercise's guard
+(an `INPUTS` frame, answered on the worker's inputs pipe), never in the job. It returns what came
 back, as plain data, for `judge_probe` to judge here. The worker is forked from a `Zygote`,
 a clean process that imported torch once, or else spawned as ``python -m
 moe_course.grading.autograde.worker``. The learner's process:
@@ -63,6 +65,7 @@ from .protocol import (
     END,
     FRAME_HEADER,
     HANG,
+    INPUTS,
     PROBE,
     PROBE_STEP,
     READY,
@@ -339,17 +342,18 @@ class _Worker:
             else None
 
     @classmethod
-    def start(cls, job: int, log: int, result: int, folder: str) -> _Worker:
+    def start(cls, job: int, log: int, result: int, inputs: int, folder: str) -> _Worker:
         env = sandbox_env(folder)
         zygote = Zygote.get()
         if zygote is not None:
             try:
-                return cls(zygote.spawn((job, log, result), folder, env), None, zygote)
+                return cls(zygote.spawn((job, log, result, inputs), folder, env), None, zygote)
             except OSError:
                 pass
         proc = subprocess.Popen(
-            [sys.executable, "-s", "-B", "-m", WORKER, str(result)], stdin=job, stdout=log,
-            stderr=log, pass_fds=(result,), cwd=folder, env=env, start_new_session=True)
+            [sys.executable, "-s", "-B", "-m", WORKER, str(result), str(inputs)], stdin=job,
+            stdout=log, stderr=log, pass_fds=(result, inputs), cwd=folder, env=env,
+            start_new_session=True)
         return cls(proc.pid, proc, None)
 
     def waitable(self) -> int | None:
@@ -442,6 +446,29 @@ class _Attempt:
         self.culprit: int | None = None  # the step blamed for ending the run early
         self.reason = ""
         self.failure: str | None = None
+        self.inputs_fd = -1  # our end of the pipe that carries probe inputs to the worker
+        self.pending = bytearray()  # inputs asked for and not yet written
+        self.requested: set[str] = set()  # probes whose inputs were sent ("grade_id::name")
+
+    def _send_inputs(self) -> None:
+        try:
+            del self.pending[:os.write(self.inputs_fd, self.pending)]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:  # the worker is gone; its exit is handled by _follow
+            self.pending.clear()
+
+    def _ask(self, k: int, message: dict[str, Any]) -> None:
+        """The worker asks for a probe's inputs: only the step's own, each once."""
+        step = self.steps[k]
+        key = f"{step.get('grade_id')}::{message.get('probe')}"
+        if step["kind"] != PROBE_STEP or key not in self.inputs or key in self.requested:
+            raise _Violation("inputs asked for out of turn")
+        self.requested.add(key)
+        buffer = io.BytesIO()
+        torch.save(self.inputs[key], buffer)
+        self.pending += FRAME_HEADER.pack(len(buffer.getvalue())) + buffer.getvalue()
+        self._send_inputs()
 
     def run(self) -> None:
         _set_subreaper()
@@ -461,7 +488,7 @@ class _Attempt:
         nproc = (self.limits.processes if ids is not None else 0 if os.getuid() == 0
                  else _user_tasks() + self.limits.processes)
         return {"nonce": self.nonce, "folder": folder, "steps": self.steps,
-                "run": self.order, "inputs": self.inputs,
+                "run": self.order,
                 "assignment": next(iter(self.exercises.values())).assignment,
                 "submission": self.submission, "ids": list(ids) if ids else None,
                 "hanging": [list(h) for h in self.hanging],
@@ -474,15 +501,19 @@ class _Attempt:
         job_path, log_path = os.path.join(private, "job.pt"), os.path.join(private, "log")
         torch.save(self._job(folder), job_path)
         read_fd, write_fd = os.pipe()
+        inputs_read, self.inputs_fd = os.pipe()  # probe inputs, sent when asked for
         with open(job_path, "rb") as job, open(log_path, "wb") as log:
             try:
-                worker = _Worker.start(job.fileno(), log.fileno(), write_fd, folder)
+                worker = _Worker.start(job.fileno(), log.fileno(), write_fd, inputs_read,
+                                       folder)
             finally:
                 os.close(write_fd)
+                os.close(inputs_read)
         try:
             self._follow(worker, read_fd)
         finally:
             os.close(read_fd)
+            os.close(self.inputs_fd)
             _sweep(worker.pid, worker.parents())
             worker.exited(5.0)
             worker.close()
@@ -503,6 +534,7 @@ class _Attempt:
         self.deadline = time.monotonic() + max(limits.startup, limits.timeout)
         self.hard_stop = min(self.deadline + limits.timeout * (len(self.queue) + 1), self.until)
         os.set_blocking(read_fd, False)
+        os.set_blocking(self.inputs_fd, False)
         try:
             while not self.ended:
                 chunk, readable, waitable = self._read(worker, read_fd)
@@ -522,11 +554,15 @@ class _Attempt:
                         f"broke the grader's reporting protocol ({violation})")
 
     def _read(self, worker: _Worker, read_fd: int) -> tuple[bytes, list, int | None]:
-        """Wait for data or the worker's exit (until the nearer deadline); read a chunk."""
+        """Wait for data or the worker's exit (until the nearer deadline), sending the
+        probe inputs it asked for as the pipe takes them; read a chunk."""
         wait = max(0.0, min(self.deadline, self.hard_stop) - time.monotonic())
         waitable = worker.waitable()
         fds = ([] if self.eof else [read_fd]) + ([waitable] if waitable is not None else [])
-        readable, _, _ = select.select(fds, [], [], min(wait, 0.25))
+        sending = [self.inputs_fd] if self.pending else []
+        readable, writable, _ = select.select(fds, sending, [], min(wait, 0.25))
+        if writable:
+            self._send_inputs()
         chunk = b""
         if read_fd in readable:
             try:
@@ -580,6 +616,8 @@ class _Attempt:
             self.ended = True
         elif self.current is None or message.get("step") != self.current:
             raise _Violation(f"a {kind!r} frame outside its step")
+        elif kind == INPUTS:
+            self._ask(self.current, message)
         elif self._record(self.current, kind, message, self.seen, self.interrupted):
             self.current = None
         if kind in (READY, START) or self.current is None:
@@ -642,6 +680,11 @@ class _Attempt:
         if kind == DONE:
             if len(seen) != len(names):
                 raise _Violation("a check step done before all its checks")
+            tripped = message.get("tripped")
+            if tripped is not None:  # the exercise's guard saw it run the reference
+                for outcome in self.probes.get(exercise.grade_id, {}).values():
+                    outcome.outputs = None
+                    outcome.error = str(tripped)[:self.limits.message_chars]
             return True
         name = message.get("probe")
         if kind != PROBE or name not in names or name in seen:

@@ -2,24 +2,28 @@
 
 `moe_course.grading.autograde.sandbox` starts a worker for each sandboxed run, in its own
 session, working folder and minimal environment: forked by the zygote (`zygote`), or
-spawned as ``python -m moe_course.grading.autograde.worker FD``. The worker (`_Run`), in
-named steps:
+spawned as ``python -m moe_course.grading.autograde.worker RESULT_FD INPUTS_FD``. The
+worker (`_Run`), in named steps:
 
 1. `_read_job`: its job from stdin with `torch.load(weights_only=True)`: the notebook's code
-   cells, where each exercise is checked (at its tests cell), the probe inputs that the
-   trusted process made, the resource limits (`apply_limits`), the uid a root grader hands
-   it and the learner functions that hung in an earlier sandbox;
-2. `prepare`: makes the references of the assignment's exercises trip when the exercise
-   that owns them is being checked (`install_tripwires`, the only place tripwires are set
-   up), so that an alias captured by a cell trips too;
+   cells, where each exercise is checked (at its tests cell), the resource limits
+   (`apply_limits`), the uid a root grader hands it and the learner functions that hung in
+   an earlier sandbox. Not the probes' inputs: at a probe, inside the exercise's guard, it
+   asks for that probe's inputs (an `INPUTS` frame) and reads them from `INPUTS_FD`
+   (`_probe_inputs`);
+2. `prepare`: takes the assignment's exercises from the registry. The references are left
+   untouched: `run_probes` runs an exercise's whole step under `guard.reference_guard`,
+   which trips on any *execution* of the exercise's reference code, however the learner
+   reached it (an alias, a stored copy, `importlib.reload`, `gc`, `types.FunctionType`);
 3. `wall_in`: `walls.install` (own uid, namespaces, Landlock, seccomp: see `walls`) and an
    audit hook that turns the common refusals into readable errors;
 4. `run`: the steps in order, reporting each (`protocol`): `run_cell` compiles and executes a
    cell in one `__main__` namespace (an error, `SystemExit` or `KeyboardInterrupt` ends the
    cell, not the run, as in IPython); `run_probes` calls `run_probe` on the learner's object
-   for each visible and hidden probe. A watch thread (`_watch`) reports where the learner's
-   code is when a step nears its time limit; a function it hung in is made to raise
-   `HangSkipped` from then on (`_skip_hanging`);
+   for each visible and hidden probe, and its `DONE` frame says whether the guard saw the
+   reference run in another thread, or saw its profiler tampered with. A watch thread
+   (`_watch`) reports where the learner's code is when a step nears its time limit; a
+   function it hung in is made to raise `HangSkipped` from then on (`_skip_hanging`);
 5. ends with `os._exit`.
 
 Nothing it reports is trusted: the grader judges every output against the reference in its
@@ -46,69 +50,12 @@ from .protocol import (
     END,
     FRAME_HEADER,
     HANG,
+    INPUTS,
+    INPUTS_FD,
     PROBE,
     READY,
     START,
 )
-
-# ----------------------------------------------------------------------------------------
-# Tripwires: the exercise's own reference trips while that exercise is being checked.
-
-_ORIGINALS: dict[str, Callable[..., Any]] = {}  # tripwire key -> untouched reference
-_OWNER: dict[str, str] = {}  # tripwire key -> grade_id of the exercise it answers
-_PROBING: list[str | None] = [None]  # grade_id whose probes are running now, if any
-
-
-def tripwire_call(key: str, args: tuple, kwargs: dict) -> Any:
-    """Run the reference behind tripwire `key`, unless its own exercise is being checked."""
-    if _PROBING[0] is not None and _PROBING[0] == _OWNER.get(key):
-        from ..guard import _trip
-
-        _trip(key)  # raises ReferenceCalled, recorded by run_probe's reference_guard
-    return _ORIGINALS[key](*args, **kwargs)
-
-
-def _function_tripwire(fn: types.FunctionType, grade_id: str) -> None:
-    key = f"{fn.__module__}.{fn.__qualname__}"
-    clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
-                               fn.__closure__)
-    clone.__kwdefaults__ = fn.__kwdefaults__
-    _ORIGINALS[key], _OWNER[key] = clone, grade_id
-    # The new code runs with the reference module's globals, so it reaches this module by
-    # name; it has no free variables, so reference_guard can still swap it during a probe.
-    source = (f"def tripwire(*args, **kwargs):\n"
-              f"    return __import__({__name__!r}, fromlist=['tripwire_call'])"
-              f".tripwire_call({key!r}, args, kwargs)\n")
-    scope: dict[str, Any] = {}
-    exec(compile(source, f"<tripwire {key}>", "exec"), scope)
-    fn.__code__ = scope["tripwire"].__code__
-    fn.__defaults__ = None
-    fn.__kwdefaults__ = None
-
-
-def _class_tripwire(cls: type, grade_id: str) -> None:
-    for name in ("__init__", "forward"):
-        if name not in vars(cls):
-            continue
-        key = f"{cls.__module__}.{cls.__qualname__}.{name}"
-        _ORIGINALS[key], _OWNER[key] = vars(cls)[name], grade_id
-
-        def method(self: Any, *args: Any, _key: str = key, **kwargs: Any) -> Any:
-            return tripwire_call(_key, (self, *args), kwargs)
-
-        method.__name__ = name
-        setattr(cls, name, method)
-
-
-def install_tripwires(exercises: list[Any]) -> None:
-    """Replace each exercise's reference (in place, so every alias sees it) by a tripwire."""
-    for exercise in exercises:
-        ref = exercise.reference
-        if isinstance(ref, types.FunctionType):
-            _function_tripwire(ref, exercise.grade_id)
-        elif isinstance(ref, type):
-            _class_tripwire(ref, exercise.grade_id)
-
 
 # ----------------------------------------------------------------------------------------
 # Walls: the kernel's (identity, namespaces, Landlock, seccomp) live in `autograde.walls`;
@@ -270,13 +217,14 @@ class _Run:
     """One job, in named steps: read it, set up reporting, prepare the grader's side, wall
     the process in, then run each step (a cell, or an exercise's probes) and report."""
 
-    def __init__(self, out_fd: int) -> None:
+    def __init__(self, out_fd: int, in_fd: int = INPUTS_FD) -> None:
         import threading
 
         import torch
 
         torch.set_num_threads(1)
-        self.out_fd = out_fd
+        self.out_fd, self.in_fd = out_fd, in_fd
+        self.load = torch.load
         self.write, self.exit_now, self.save = os.write, os._exit, torch.save
         self.frames = sys._current_frames
         self.main_thread = threading.get_ident()
@@ -314,18 +262,19 @@ class _Run:
                     self.exit_now(3)  # the result pipe is gone: nothing more to report
 
     def prepare(self) -> None:
-        """Imports, the registry's exercises (taken before any learner code runs, so that
-        a cell that rewrites the registry changes nothing) and the tripwires."""
+        """Imports and the registry's exercises (taken before any learner code runs, so
+        that a cell that rewrites the registry changes nothing). No reference is touched:
+        the guard of `run_probes` watches what runs."""
         import matplotlib
 
         matplotlib.use("Agg")
+        from ..guard import reference_guard
         from ..registry import exercises_for
         from ..runner import run_probe
 
-        self.run_probe = run_probe
+        self.run_probe, self.reference_guard = run_probe, reference_guard
         self.exercises = {ex.grade_id: ex for ex in exercises_for(self.job["assignment"])
                           if ex.kind != "written"}
-        install_tripwires(list(self.exercises.values()))  # the only use of tripwires here
         self.probes = {gid: tuple(ex.visible + ex.hidden)
                        for gid, ex in self.exercises.items()}
 
@@ -410,38 +359,50 @@ class _Run:
         self.send({"type": CELL, "step": k, "error": error})
 
     def run_probes(self, k: int, step: dict[str, Any], ns: dict[str, Any]) -> None:
+        """Each probe of the step's exercise, all under the exercise's guard: each probe's
+        inputs arrive only inside it, on request (`_probe_inputs`), so learner code never
+        holds them while the reference may run, in this thread or any other."""
         exercise = self.exercises[step["grade_id"]]
         obj = ns.get(exercise.symbol, _MISSING)
-        skip_rest = None
-        for probe in self.probes[exercise.grade_id]:
-            outputs, error = None, skip_rest
-            if error is None and obj is _MISSING:
-                error = _missing(exercise, self.cell_errors.get(exercise.grade_id))
-            elif error is None:
-                _PROBING[0] = exercise.grade_id
-                self.in_learner[0] = True
+        self.skip_rest: str | None = None
+        with self.reference_guard(*exercise.references) as guard:
+            for probe in self.probes[exercise.grade_id]:
+                outputs, error = self._run_probe(k, exercise, probe, obj)
                 try:
-                    outputs = self.run_probe(exercise, probe, obj, self.job["inputs"][
-                        f"{exercise.grade_id}::{probe.name}"])
-                except KeyboardInterrupt as exc:
-                    if self.sigint[0]:  # the grader's, at the time limit
-                        error = "interrupted: it ran past the grader's time limit"
-                        skip_rest = "not run: an earlier check ran past the time limit"
-                    else:  # raised by the learner's own code
-                        error = _probe_error(exercise, exc)
-                except BaseException as exc:  # noqa: B036 -- CheckFailure, SystemExit, ...
-                    error = _probe_error(exercise, exc)
-                finally:
-                    self.in_learner[0] = False
-                    _PROBING[0] = None
-            try:
-                self.send({"type": PROBE, "step": k, "probe": probe.name,
-                           "outputs": bounded(outputs), "error": error})
-            except Exception as exc:  # outputs that torch.save cannot write
-                self.send({"type": PROBE, "step": k, "probe": probe.name, "outputs": None,
-                           "error": f"its result could not be sent to the grader "
-                                    f"({describe_exception(exc)})"})
-        self.send({"type": DONE, "step": k})
+                    self.send({"type": PROBE, "step": k, "probe": probe.name,
+                               "outputs": bounded(outputs), "error": error})
+                except Exception as exc:  # outputs that torch.save cannot write
+                    self.send({"type": PROBE, "step": k, "probe": probe.name,
+                               "outputs": None, "error": f"its result could not be sent to "
+                                                         f"the grader ({describe_exception(exc)})"})
+        self.send({"type": DONE, "step": k, "tripped": _tripped(exercise, guard)})
+
+    def _run_probe(self, k: int, exercise: Any, probe: Any, obj: Any
+                   ) -> tuple[Any, str | None]:
+        """One probe: (outputs, None) or (None, what went wrong)."""
+        if self.skip_rest is not None:
+            return None, self.skip_rest
+        if obj is _MISSING:
+            return None, _missing(exercise, self.cell_errors.get(exercise.grade_id))
+        self.in_learner[0] = True
+        try:
+            inputs = self._probe_inputs(k, probe.name)
+            return self.run_probe(exercise, probe, obj, inputs), None
+        except KeyboardInterrupt as exc:
+            if self.sigint[0]:  # the grader's, at the time limit
+                self.skip_rest = "not run: an earlier check ran past the time limit"
+                return None, "interrupted: it ran past the grader's time limit"
+            return None, _probe_error(exercise, exc)  # raised by the learner's own code
+        except BaseException as exc:  # noqa: B036 -- CheckFailure, SystemExit, ...
+            return None, _probe_error(exercise, exc)
+        finally:
+            self.in_learner[0] = False
+
+    def _probe_inputs(self, k: int, name: str) -> Any:
+        """Ask the grader for probe `name`'s inputs and read them (a frame on `in_fd`)."""
+        self.send({"type": INPUTS, "step": k, "probe": name})
+        (size,) = FRAME_HEADER.unpack(_read_exactly(self.in_fd, FRAME_HEADER.size))
+        return self.load(io.BytesIO(_read_exactly(self.in_fd, size)), weights_only=True)
 
     def run(self) -> None:
         import threading
@@ -498,9 +459,9 @@ def bounded(value: Any, depth: int = 0) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``python -m moe_course.grading.autograde.worker RESULT_FD``."""
+    """Entry point: ``python -m moe_course.grading.autograde.worker RESULT_FD INPUTS_FD``."""
     argv = sys.argv[1:] if argv is None else argv
-    _Run(int(argv[0])).run()
+    _Run(int(argv[0]), int(argv[1])).run()
 
 
 _MISSING = object()
@@ -510,6 +471,32 @@ def _missing(exercise: Any, cell_error: str | None) -> str:
     why = (f"; its answer cell raised {cell_error}" if cell_error else
            f" (define it in the answer cell {exercise.grade_id}, and keep its name)")
     return f"your notebook does not define {exercise.symbol}{why}"
+
+
+def _tripped(exercise: Any, guard: Any) -> str | None:
+    """Why the exercise's guard fails the whole step, if it does: tampering with it, or the
+    reference run in another thread (in the checking thread `run_probe` already said so)."""
+    if guard.tampering:
+        return (f"your {exercise.symbol} tampered with the grader's guard while its checks "
+                f"ran: {guard.tampering[0]}")
+    if guard.calls:
+        return (f"your {exercise.symbol} uses moe_course's own {exercise.symbol} (in another "
+                "thread): implement it yourself")
+    return None
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        try:
+            chunk = os.read(fd, left)
+        except InterruptedError:
+            continue
+        if not chunk:
+            raise EOFError("the grader closed the inputs pipe")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _probe_error(exercise: Any, exc: BaseException) -> str:
@@ -529,7 +516,8 @@ def _close_figures() -> None:
 
 
 if __name__ == "__main__":
-    # Run as the package module, not as __main__: tripwires import it by name.
+    # Run as the package module, not as __main__: the guard knows the walls' audit hook
+    # for the grader's by its code, found in the moe_course.grading modules.
     from moe_course.grading.autograde import worker, zygote
 
     if sys.argv[1:2] == ["--zygote"]:

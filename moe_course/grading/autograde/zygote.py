@@ -1,7 +1,7 @@
 """The zygote: a clean process that imported torch, matplotlib and the grader once, and
 forks one worker per sandboxed run, so that a sandbox starts in milliseconds instead of
 re-importing torch. Both halves live here: `Zygote` (the grader's side: starts it, asks
-for a fork with the job's three file descriptors, learns each worker's exit code) and
+for a fork with the job's four file descriptors, learns each worker's exit code) and
 `zygote_main` (the zygote's side: serves fork requests on a SOCK_SEQPACKET socket; its
 child, `_child`, becomes a worker, `worker.main`). No learner code ever runs in the zygote;
 it is used only where Landlock keeps the forked workers from reaching back into it.
@@ -26,6 +26,7 @@ from typing import Any
 
 from . import walls
 from .limits import Limits
+from .protocol import INPUTS_FD, RESULT_FD
 
 WORKER = "moe_course.grading.autograde.worker"  # run with python -m
 
@@ -161,9 +162,10 @@ def _child(sock: Any, fds: list[int], request: dict[str, Any]) -> None:
     try:
         sock.close()  # learner code must never reach the zygote's control socket
         os.setsid()
-        for target, fd in zip((0, 1, 2, 3), (fds[0], fds[1], fds[1], fds[2]), strict=True):
+        for target, fd in zip((0, 1, 2, RESULT_FD, INPUTS_FD),
+                              (fds[0], fds[1], fds[1], fds[2], fds[3]), strict=True):
             os.dup2(fd, target)
-        os.closerange(4, 1 << 16)
+        os.closerange(INPUTS_FD + 1, 1 << 16)
         os.chdir(request["folder"])
         os.environ.clear()
         os.environ.update(request["env"])
@@ -174,14 +176,15 @@ def _child(sock: Any, fds: list[int], request: dict[str, Any]) -> None:
             signal.signal(sig, signal.SIG_DFL)
         from .worker import main
 
-        main(["3"])
+        main([str(RESULT_FD), str(INPUTS_FD)])
     finally:
         os._exit(70)
 
 
 def zygote_main(sock_fd: int) -> None:
-    """Serve fork requests on a SOCK_SEQPACKET socket: a JSON request with three file
-    descriptors (job, log, result pipe) -> "pid N"; later "exit N CODE" when it ends."""
+    """Serve fork requests on a SOCK_SEQPACKET socket: a JSON request with four file
+    descriptors (job, log, result pipe, inputs pipe) -> "pid N"; later "exit N CODE" when it
+    ends."""
     import json
     import select
     import socket

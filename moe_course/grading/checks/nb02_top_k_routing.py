@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..inputs import gen, logits, min_gap, tie_free
+from ..inputs import draw_int, gen, logits, min_gap, tie_free
 from ..probe import (
     CheckFailure,
     Inputs,
@@ -263,6 +263,17 @@ def _sparse_judge(inputs: Inputs, outputs: Outputs) -> None:
 _FLOP_ARGS = ("n_tokens", "d_model", "d_hidden", "n_experts", "k")
 
 
+def _flops_cases(seed: int) -> list[list[int]]:
+    """Two more layers drawn from `seed` (from the course secret in hidden checks)."""
+    g = gen(seed)
+    cases = []
+    for _ in range(2):
+        e = draw_int(g, 1, 128)
+        cases.append([draw_int(g, 1, 8192), 64 * draw_int(g, 1, 16), 64 * draw_int(g, 1, 64), e,
+                      draw_int(g, 1, min(e, 8))])
+    return cases
+
+
 def _flops_run(fn: Any, inputs: Inputs) -> Outputs:
     return {"results": [capture(fn(*case)) for case in inputs["cases"]]}
 
@@ -365,6 +376,6 @@ VISIBLE_MOE_FLOPS = (
 )
 HIDDEN_MOE_FLOPS = (
     Probe("a large layer and k=E",
-          lambda: {"cases": [[4096, 512, 2048, 64, 2], [3, 5, 2, 3, 3]]}, _flops_run,
-          _flops_judge, rules=(FLOPS, FLOPS_LARGE)),
+          lambda: {"cases": [[4096, 512, 2048, 64, 2], [3, 5, 2, 3, 3], *_flops_cases(231)]},
+          _flops_run, _flops_judge, rules=(FLOPS, FLOPS_LARGE)),
 )

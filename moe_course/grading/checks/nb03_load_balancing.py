@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ... import capacity as ref_capacity
 from ... import losses as ref_losses
-from ..inputs import gen, logits, min_gap, tie_free
+from ..inputs import draw_choice, draw_int, gen, logits, min_gap, tie_free
 from ..probe import (
     CheckFailure,
     Inputs,
@@ -366,6 +366,20 @@ def _z_judge(inputs: Inputs, outputs: Outputs) -> None:
 _CAP_ARGS = ("n_tokens", "n_experts", "capacity_factor", "k")
 
 
+# Capacity factors exact in binary: a drawn case never hinges on float rounding.
+_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+
+
+def _capacity_cases(seed: int) -> list[list[float | int]]:
+    """Three more layers drawn from `seed` (from the course secret in hidden checks)."""
+    g = gen(seed)
+    cases: list[list[float | int]] = []
+    for _ in range(3):
+        e = draw_int(g, 1, 16)
+        cases.append([draw_int(g, 1, 200), e, draw_choice(g, _FACTORS), draw_int(g, 1, e)])
+    return cases
+
+
 def _capacity_run(fn: Any, inputs: Inputs) -> Outputs:
     results = []
     for *args, k in inputs["cases"]:
@@ -633,7 +647,7 @@ VISIBLE_EXPERT_CAPACITY = (
 HIDDEN_EXPERT_CAPACITY = (
     Probe("more layer sizes",
           lambda: {"cases": [[16, 8, 1.0, 1], [9, 4, 0.5, 2], [3, 1, 2.0, 1],
-                             [100, 6, 1.25, 2]]},
+                             [100, 6, 1.25, 2], *_capacity_cases(351)]},
           _capacity_run, _capacity_judge, rules=(CAPACITY,)),
     Probe("capacity_factor <= 0 raises ValueError",
           lambda: {"bad": [[8, 4, 0.0], [8, 4, -1.0]]}, _capacity_error_run,

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ... import expert_choice as ref_ec
-from ..inputs import logits, min_gap, tie_free
+from ..inputs import draw_choice, draw_int, gen, logits, min_gap, tie_free
 from ..probe import (
     CheckFailure,
     Inputs,
@@ -31,6 +31,14 @@ from .common import UNWEIGHTED
 # expert_choice_capacity
 
 _EC_CAP_ARGS = ("n_tokens", "n_experts", "capacity_factor")
+
+
+def _ec_capacity_cases(seed: int) -> list[list[float | int]]:
+    """Three more layers drawn from `seed` (from the course secret in hidden checks); factors
+    exact in binary, so no case hinges on float rounding."""
+    g = gen(seed)
+    return [[draw_int(g, 1, 200), draw_int(g, 1, 16),
+             draw_choice(g, (0.25, 0.5, 1.0, 1.25, 1.5, 2.0, 4.0))] for _ in range(3)]
 
 
 def _ec_capacity_run(fn: Any, inputs: Inputs) -> Outputs:
@@ -135,6 +143,7 @@ def _routing_judge(inputs: Inputs, outputs: Outputs) -> None:
 def _ec_moe_inputs(seed: int, t: int, d: int, e: int, capacity: int) -> Inputs:
     def make(g: torch.Generator) -> Inputs:
         scores = logits(g, t, e)
+        scores = _unchosen_last(scores, capacity) if capacity < t else scores
         gates, token_idx = ref_ec.expert_choice_routing(scores, capacity)
         return {"x": torch.randn(t, d, generator=g), "gates": gates, "token_idx": token_idx,
                 "logits": scores, **expert_inputs(g, e, d)}
@@ -193,9 +202,20 @@ def _ec_moe_judge(inputs: Inputs, outputs: Outputs) -> None:
 # experts_per_token
 
 
+def _unchosen_last(scores: Tensor, capacity: int) -> Tensor:
+    """`scores` with the last token's row replaced so that no expert picks it (for any seed,
+    not by luck): its softmax over experts becomes `q / sum(q)`, where `q[j]` is the
+    `capacity`-th largest softmax value of expert j's column among the other tokens. Below
+    every `q[j]` whenever `sum(q) > 1` (checked by the probes' gaps, else the next seed)."""
+    q = torch.softmax(scores[:-1], dim=-1).topk(capacity, dim=0).values[-1]  # (E,)
+    out = scores.clone()
+    out[-1] = torch.log(q / q.sum())
+    return out
+
+
 def _per_token_inputs(seed: int, t: int, e: int, capacity: int) -> Inputs:
     def make(g: torch.Generator) -> Inputs:
-        scores = logits(g, t, e)
+        scores = _unchosen_last(logits(g, t, e), capacity)
         return {"token_idx": ref_ec.expert_choice_routing(scores, capacity).token_idx,
                 "n_tokens": t, "logits": scores}
 
@@ -252,7 +272,8 @@ VISIBLE_EC_CAPACITY = (
 )
 HIDDEN_EC_CAPACITY = (
     Probe("more layer sizes",
-          lambda: {"cases": [[16, 8, 1.0], [7, 2, 1.0], [5, 5, 0.5], [20, 3, 10.0]]},
+          lambda: {"cases": [[16, 8, 1.0], [7, 2, 1.0], [5, 5, 0.5], [20, 3, 10.0],
+                             *_ec_capacity_cases(441)]},
           _ec_capacity_run, _ec_capacity_judge, rules=(EC_CAPACITY,)),
 )
 VISIBLE_EC_ROUTING = (
