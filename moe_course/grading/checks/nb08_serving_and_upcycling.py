@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ...experts import Expert
 from ...layers import MoEFeedForward
-from ..inputs import gen
+from ..inputs import draw_choice, draw_int, gen
 from ..probe import (
     CheckFailure,
     Inputs,
@@ -554,6 +554,37 @@ def _upcycle_judge(inputs: Inputs, outputs: Outputs) -> None:
 
 
 # ----------------------------------------------------------------------------------------
+# Drawn cases of the hidden probes whose other inputs are written out: drawn from `seed`,
+# which the course secret salts in hidden checks (`moe_course.grading.secret`), so that no
+# answer can carry a table of the hidden results.
+
+
+def _touched_cases(seed: int) -> list[tuple[list[list[int]], int]]:
+    """Two batches: T tokens choosing k distinct experts of E each."""
+    g, cases = gen(seed), []
+    for _ in range(2):
+        e = draw_int(g, 2, 16)
+        k = draw_int(g, 1, min(e, 4))
+        rows = [torch.randperm(e, generator=g)[:k].tolist() for _ in range(draw_int(g, 1, 10))]
+        cases.append((rows, e))
+    return cases
+
+
+def _expected_cases(seed: int) -> list[list[int]]:
+    """Two (batch, n_experts, k) cases."""
+    g, cases = gen(seed), []
+    for _ in range(2):
+        e = draw_int(g, 1, 128)
+        cases.append([draw_int(g, 0, 200), e, draw_int(g, 1, min(e, 8))])
+    return cases
+
+
+def _offload_cases(seed: int) -> list[list[float]]:
+    """Two (misses, expert_bytes, bandwidth) cases: sizes in MiB, links of 1-64 GB/s."""
+    g = gen(seed)
+    return [[draw_int(g, 0, 64), float(draw_int(g, 1, 512) << 20),
+             draw_choice(g, (1e9, 4e9, 16e9, 32e9, 64e9))] for _ in range(2)]
+
 
 _TOUCHED_VISIBLE = [([[0, 3], [0, 1], [0, 1], [6, 3], [1, 0]], 12),
                     ([[2], [2], [5], [2]], 6)]
@@ -567,7 +598,8 @@ VISIBLE_EXPERTS_TOUCHED = (
 )
 HIDDEN_EXPERTS_TOUCHED = (
     Probe("one token; every expert touched; many repeats",
-          lambda: _touched_inputs(_TOUCHED_HIDDEN), _touched_run, _touched_judge),
+          lambda: _touched_inputs(_TOUCHED_HIDDEN + _touched_cases(804)), _touched_run,
+          _touched_judge),
 )
 VISIBLE_EXPECTED_EXPERTS_TOUCHED = (
     Probe("B = 6, 1, 20", lambda: {"cases": [[6, 16, 2], [1, 16, 4], [20, 64, 2]]},
@@ -575,7 +607,8 @@ VISIBLE_EXPECTED_EXPERTS_TOUCHED = (
 )
 HIDDEN_EXPECTED_EXPERTS_TOUCHED = (
     Probe("B = 0, k = E, a large batch, top-1",
-          lambda: {"cases": [[0, 8, 2], [5, 6, 6], [100, 128, 8], [3, 10, 1]]},
+          lambda: {"cases": [[0, 8, 2], [5, 6, 6], [100, 128, 8], [3, 10, 1],
+                             *_expected_cases(805)]},
           _expected_run, _expected_judge),
 )
 VISIBLE_LRU_CACHE_HITS = (
@@ -611,7 +644,8 @@ VISIBLE_OFFLOAD_TIME_PER_TOKEN = (
 )
 HIDDEN_OFFLOAD_TIME_PER_TOKEN = (
     Probe("no misses, a slow link, an integer size",
-          lambda: {"cases": [[0, 5e8, 32e9], [12, 66060288.0, 4e9], [7, 1000, 250]]},
+          lambda: {"cases": [[0, 5e8, 32e9], [12, 66060288.0, 4e9], [7, 1000, 250],
+                             *_offload_cases(825)]},
           _offload_run, _offload_judge),
 )
 VISIBLE_UPCYCLE = (
