@@ -500,9 +500,11 @@ def _read_exactly(fd: int, n: int) -> bytes:
 
 
 def _probe_error(exercise: Any, exc: BaseException) -> str:
+    from ..probe import CheckFailure  # imported by `prepare` already, before learner code
+
     message = getattr(exc, "message", None)
-    if isinstance(message, str) and type(exc).__name__ == "CheckFailure":
-        return message
+    if isinstance(exc, CheckFailure) and isinstance(message, str):
+        return message  # also NotImplementedYet: its message says what happened
     return f"your {exercise.symbol} raised {describe_exception(exc)}"
 
 

@@ -194,8 +194,8 @@ VISIBLE_SOFTMAX_GATE = (
 HIDDEN_SOFTMAX_GATE = (
     Probe("3 tokens, 4 experts", lambda: _gate_inputs(112, 3, 7, 4), _gate_run, _gate_judge,
           rules=(GATE_SOFTMAX, NO_MUTATION)),
-    Probe("large logits", lambda: _gate_inputs(113, 5, 4, 3, scale=60.0), _gate_run,
-          _gate_judge, rules=(GATE_SOFTMAX, LARGE_LOGITS)),
+    Probe("large logits, 5 tokens, 3 experts", lambda: _gate_inputs(113, 5, 4, 3, scale=60.0),
+          _gate_run, _gate_judge, rules=(GATE_SOFTMAX, LARGE_LOGITS)),
 )
 VISIBLE_DENSE_MOE = (
     Probe("6 tokens, 3 experts (a list)", lambda: _dense_inputs(121, 6, 4, 3),
