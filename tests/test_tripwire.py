@@ -2,7 +2,8 @@
 
 Every answer cell of `tripwire_cases.CASES` reaches an exercise's reference code some other
 way than by name (stored originals, reload, gc, `types.FunctionType`, a copy of the module
-file, methods of reference classes, threads, tampering with the profiler). Each must fail:
+file, methods of reference classes, helpers that do the whole work, threads, tampering with
+the profiler). Each must fail:
 
 - in-kernel, with `check(...)` as the notebooks and nbgrader's tests cells call it (run in a
   fresh interpreter, since some cases reload modules or leave threads behind);
@@ -76,7 +77,7 @@ def in_kernel(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
 
 def test_each_bypass_class_has_two_instances() -> None:
     classes = {"stored": 0, "reload": 0, "gc": 0, "FunctionType": 0, "module": 0,
-               "Expert": 0, "profile": 0, "thread": 0}
+               "Expert": 0, "helper": 0, "profile": 0, "thread": 0}
     for name, _, _ in CASES:
         for key in classes:
             if key in name or (key == "profile" and name in TAMPERING):

@@ -119,6 +119,18 @@ class Expert(nn.Module):
     def forward(self, x):
         return _x.Expert.forward(self, x)
 """),
+    # -- a reference's helper that does the whole work (Exercise.helpers) --
+    ("helper switch_loss_from_counts", "ex03_switch_aux_loss", """
+from moe_course.losses import switch_loss_from_counts as _from_counts
+def switch_aux_loss(router_probs, indices):
+    counts = torch.bincount(indices.reshape(-1).long(), minlength=router_probs.shape[-1])
+    return _from_counts(router_probs, counts, indices.numel()).loss
+"""),
+    ("helper lru_hit_mask", "ex08_lru_cache_hits", """
+import moe_course.serving as _s
+def lru_cache_hits(trace, capacity):
+    return int(_s.lru_hit_mask(trace, capacity).sum())
+"""),
     # -- tampering with the profiler --
     ("sys.setprofile(None)", "ex01_softmax_gate", """
 import sys
