@@ -284,6 +284,20 @@ def shared_expert_moe(x, shared_experts, routed_experts, w_gate, k):
     shared = torch.stack([expert(x) for expert in shared_experts]).sum(0)
     return shared + sparse_moe(x, routed_experts, weights, indices), weights, indices
 """
+BIASED_IN_PLACE = """
+def biased_top_k(scores, bias, k):
+    scores += bias  # the biased scores, in place
+    indices = scores.topk(k, dim=-1).indices
+    chosen = (scores - bias).gather(1, indices)
+    return chosen / chosen.sum(dim=-1, keepdim=True), indices
+"""
+BIASED_GRAD_INTO_BIAS = """
+def biased_top_k(scores, bias, k):
+    biased = scores + bias
+    indices = biased.topk(k, dim=-1).indices
+    chosen = biased.gather(1, indices) - bias.detach()[indices]  # the unbiased values
+    return chosen / chosen.sum(dim=-1, keepdim=True), indices
+"""
 BIAS_IN_PLACE = """
 def aux_free_bias_update(bias, expert_counts, gamma):
     counts = expert_counts.to(torch.float64)
@@ -813,6 +827,35 @@ WRONG = [
             "w_gate *= 1.0 / w_gate.abs().max()\n    scores = torch.softmax(x @ w_gate, dim=-1)",
         ),
     ),
+    Wrong(
+        "ex07_biased_top_k",
+        mm.CHOSEN_BY_BIAS,
+        "chosen without the bias",
+        _swap("indices = (scores + bias).topk(", "indices = scores.topk("),
+    ),
+    Wrong(
+        "ex07_biased_top_k",
+        mm.UNBIASED_WEIGHTS,
+        "softmax of the chosen",
+        _swap(
+            "weights = chosen / chosen.sum(dim=-1, keepdim=True)",
+            "weights = torch.softmax(chosen, dim=-1)",
+        ),
+    ),
+    Wrong(
+        "ex07_biased_top_k",
+        mm.UNBIASED_WEIGHTS,
+        "weights include the bias",
+        _swap("chosen = scores.gather(1, indices)", "chosen = (scores + bias).gather(1, indices)"),
+    ),
+    Wrong(
+        "ex07_biased_top_k",
+        mm.BIAS_NO_GRAD,
+        "detached weights",
+        _swap("return weights, indices", "return weights.detach(), indices"),
+    ),
+    Wrong("ex07_biased_top_k", mm.BIAS_NO_GRAD, "bias in the graph", source=BIASED_GRAD_INTO_BIAS),
+    Wrong("ex07_biased_top_k", mm.NO_MUTATION, "biased in place", source=BIASED_IN_PLACE),
     Wrong(
         "ex07_aux_free_bias_update",
         mm.BIAS,
