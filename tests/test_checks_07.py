@@ -5,8 +5,9 @@ Correct implementations written differently from the reference pass the visible 
 checks silently; each planted mistake fails with its own message (never the generic
 fallback); wrong return types fail with a message. The checks every exercise shares (inputs
 deterministic, plain and tie-free, outputs across the process boundary, stubs, calling the
-reference) run in tests/test_checks_common.py from this module's `CORRECT`, `ALIASES` and
-`order_margins`.
+reference) run in tests/test_checks_common.py from this module's `CORRECT`, `ALIASES`,
+`order_margins`, and the tables `MISTAKES` (planted mistakes and the words their message
+must hold) and `WRONG_RETURNS`.
 """
 
 from __future__ import annotations
@@ -495,16 +496,6 @@ MISTAKES: list[tuple[str, Any, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("grade_id", "impl", "expected"), MISTAKES,
-                         ids=[f"{g}-{s[:24]}" for g, _, s in MISTAKES])
-def test_planted_mistake_fails_with_its_message(grade_id, impl, expected, capsys):
-    message = fails(grade_id, impl)
-    assert expected in message, message
-    assert message.startswith(f"{EXERCISES[grade_id].symbol}, check '")
-    assert " is wrong: " not in message  # a named mistake, not the generic fallback
-    assert capsys.readouterr().err == ""
-
-
 def test_every_exercise_has_planted_mistakes():
     assert {g for g, _, _ in MISTAKES} == set(GRADED)
 
@@ -565,13 +556,6 @@ WRONG_RETURNS: list[tuple[str, Any, str]] = [
     ("ex07_sort_by_expert", lambda i, e: (i, torch.bincount(i.reshape(-1), minlength=e)),
      "shape (16,)"),
 ]
-
-
-@pytest.mark.parametrize(("grade_id", "impl", "expected"), WRONG_RETURNS,
-                         ids=[f"{g}-{s[:20]}" for g, _, s in WRONG_RETURNS])
-def test_wrong_return_type_or_shape_is_explained(grade_id, impl, expected):
-    message = fails(grade_id, impl, hidden=False)
-    assert expected in message, message
 
 
 # ========================================================================================
