@@ -623,3 +623,12 @@ def test_upcycle_probe_routes_without_ties_irrelevant_to_the_answer():
     torch.testing.assert_close(moe(x).y, su._dense(inputs)(x), rtol=1e-5, atol=1e-6)
 
 
+
+
+def test_an_error_at_every_capacity_is_not_blamed_on_capacity_0():
+    def broken(trace, capacity):
+        return {}[capacity]  # a KeyError at every capacity
+
+    message = fails("ex08_lru_cache_hits", broken, hidden=False)
+    assert "capacity=0) raised KeyError" in message, message
+    assert "capacity 0 is allowed" not in message

@@ -574,8 +574,9 @@ print(f"experts that fit in 12 GB: {gpu_free / expert_fp16:.0f} in fp16 "
 # **Exercise 6 (3 points).** Write `upcycle(dense_ffn, n_experts, k)`: `dense_ffn` is a
 # dense feed-forward block (an `Expert`, with `w_in = nn.Linear(D, H)` and `w_out`).
 # Return a `moe_course.layers.MoEFeedForward` with `n_experts` experts, top-`k` routing and
-# no capacity limit, whose experts are independent copies of `dense_ffn`, so that its
-# output `.y` equals `dense_ffn(x)` at step 0. Leave `dense_ffn` unchanged.
+# no capacity limit, every parameter trainable, whose experts are independent copies of
+# `dense_ffn`, so that its output `.y` equals `dense_ffn(x)` at step 0. Leave `dense_ffn`
+# unchanged.
 #
 # <details><summary>Hint 1: the idea</summary>
 #
