@@ -24,6 +24,7 @@ from moe_course.grading.checks import nb04_expert_choice as ec
 from moe_course.grading.checks import nb05_moe_transformer as mt
 from moe_course.grading.checks import nb06_expert_parallelism as ep
 from moe_course.grading.checks import nb07_modern_moe as mm
+from moe_course.grading.checks import nb08_serving_and_upcycling as su
 
 GRADED = [ex for ex in EXERCISES.values() if ex.kind != "written"]
 
@@ -284,6 +285,20 @@ def shared_expert_moe(x, shared_experts, routed_experts, w_gate, k):
     shared = torch.stack([expert(x) for expert in shared_experts]).sum(0)
     return shared + sparse_moe(x, routed_experts, weights, indices), weights, indices
 """
+BIASED_IN_PLACE = """
+def biased_top_k(scores, bias, k):
+    scores += bias  # the biased scores, in place
+    indices = scores.topk(k, dim=-1).indices
+    chosen = (scores - bias).gather(1, indices)
+    return chosen / chosen.sum(dim=-1, keepdim=True), indices
+"""
+BIASED_GRAD_INTO_BIAS = """
+def biased_top_k(scores, bias, k):
+    biased = scores + bias
+    indices = biased.topk(k, dim=-1).indices
+    chosen = biased.gather(1, indices) - bias.detach()[indices]  # the unbiased values
+    return chosen / chosen.sum(dim=-1, keepdim=True), indices
+"""
 BIAS_IN_PLACE = """
 def aux_free_bias_update(bias, expert_counts, gamma):
     counts = expert_counts.to(torch.float64)
@@ -327,6 +342,50 @@ def sort_by_expert(indices, n_experts):
     order = torch.sort(flat, stable=True).indices
     flat.copy_(flat[order])
     return order, counts
+"""
+TOUCHED_IN_PLACE = """
+def experts_touched(indices, n_experts):
+    flat = indices.view(-1)
+    flat.copy_(flat.sort().values)  # sorted in place
+    return int(torch.unique_consecutive(flat).numel())
+"""
+EXPECTED_FROM_FIRST_TOKEN = """
+def expected_experts_touched(batch, n_experts, k):
+    touched = float(k)  # the first token's experts, then each further token adds its share
+    for _ in range(batch - 1):
+        touched += (n_experts - touched) * k / n_experts
+    return touched
+"""
+EXPECTED_K_BELOW_E = """
+def expected_experts_touched(batch, n_experts, k):
+    if not 1 <= k < n_experts:
+        raise ValueError(f"k must be in [1, n_experts), got {k}")
+    return n_experts * (1.0 - (1.0 - k / n_experts) ** batch)
+"""
+LRU_SORTS_TRACE = """
+def lru_cache_hits(trace, capacity):
+    from collections import OrderedDict
+
+    cache, hits = OrderedDict(), 0
+    for expert in trace.flatten().tolist():
+        if expert in cache:
+            hits += 1
+            cache.move_to_end(expert)
+        elif capacity > 0:
+            if len(cache) == capacity:
+                cache.popitem(last=False)
+            cache[expert] = None
+    trace.copy_(trace.sort(dim=-1).values)  # tidy each row, in place
+    return hits
+"""
+UPCYCLE_NOISY_DENSE = """
+def upcycle(dense_ffn, n_experts, k):
+    d_model, d_hidden = dense_ffn.w_in.in_features, dense_ffn.w_in.out_features
+    layer = MoEFeedForward(d_model, d_hidden, n_experts, k=k)
+    with torch.no_grad():  # a little noise to break the symmetry, on the dense layer itself
+        dense_ffn.w_in.weight.add_(0.01 * torch.randn_like(dense_ffn.w_in.weight))
+    layer.experts = nn.ModuleList(copy.deepcopy(dense_ffn) for _ in range(n_experts))
+    return layer
 """
 
 WRONG = [
@@ -814,6 +873,35 @@ WRONG = [
         ),
     ),
     Wrong(
+        "ex07_biased_top_k",
+        mm.CHOSEN_BY_BIAS,
+        "chosen without the bias",
+        _swap("indices = (scores + bias).topk(", "indices = scores.topk("),
+    ),
+    Wrong(
+        "ex07_biased_top_k",
+        mm.UNBIASED_WEIGHTS,
+        "softmax of the chosen",
+        _swap(
+            "weights = chosen / chosen.sum(dim=-1, keepdim=True)",
+            "weights = torch.softmax(chosen, dim=-1)",
+        ),
+    ),
+    Wrong(
+        "ex07_biased_top_k",
+        mm.UNBIASED_WEIGHTS,
+        "weights include the bias",
+        _swap("chosen = scores.gather(1, indices)", "chosen = (scores + bias).gather(1, indices)"),
+    ),
+    Wrong(
+        "ex07_biased_top_k",
+        mm.BIAS_NO_GRAD,
+        "detached weights",
+        _swap("return weights, indices", "return weights.detach(), indices"),
+    ),
+    Wrong("ex07_biased_top_k", mm.BIAS_NO_GRAD, "bias in the graph", source=BIASED_GRAD_INTO_BIAS),
+    Wrong("ex07_biased_top_k", mm.NO_MUTATION, "biased in place", source=BIASED_IN_PLACE),
+    Wrong(
         "ex07_aux_free_bias_update",
         mm.BIAS,
         "sign flipped",
@@ -849,6 +937,100 @@ WRONG = [
     ),
     Wrong("ex07_sort_by_expert", mm.IDLE, "no minlength", source=SORT_NO_MINLENGTH),
     Wrong("ex07_sort_by_expert", mm.NO_MUTATION, "sorted in place", source=SORT_IN_PLACE),
+    # 08
+    Wrong(
+        "ex08_experts_touched",
+        su.TOUCHED,
+        "every assignment",
+        _swap("int(torch.unique(indices).numel())", "int(indices.numel())"),
+    ),
+    Wrong("ex08_experts_touched", su.NO_MUTATION, "sorted in place", source=TOUCHED_IN_PLACE),
+    Wrong(
+        "ex08_expected_experts_touched",
+        su.EXPECTED,
+        "k/E and 1 - k/E swapped",
+        _swap("(1.0 - k / n_experts) ** batch", "(k / n_experts) ** batch"),
+    ),
+    Wrong(
+        "ex08_expected_experts_touched",
+        su.NO_BATCH,
+        "from the first token",
+        source=EXPECTED_FROM_FIRST_TOKEN,
+    ),
+    Wrong("ex08_expected_experts_touched", su.ALL_EXPERTS, "k < E", source=EXPECTED_K_BELOW_E),
+    Wrong(
+        "ex08_lru_cache_hits",
+        su.LRU,
+        "FIFO",
+        _swap("cache.move_to_end(expert)  # a hit makes it the most recently used", "pass"),
+    ),
+    Wrong(
+        "ex08_lru_cache_hits",
+        su.ZERO_CAPACITY,
+        "no capacity > 0 test",
+        _swap("elif capacity > 0:", "else:"),
+    ),
+    Wrong("ex08_lru_cache_hits", su.NO_MUTATION, "trace sorted in place", source=LRU_SORTS_TRACE),
+    Wrong(
+        "ex08_optimal_cache_hits",
+        su.BELADY,
+        "soonest evicted",
+        _swap("del cache[max(cache, key=cache.get)]", "del cache[min(cache, key=cache.get)]"),
+    ),
+    Wrong(
+        "ex08_optimal_cache_hits",
+        su.ZERO_CAPACITY,
+        "the staging buffer as a slot",
+        (
+            ("        if capacity == 0:\n            continue\n", ""),
+            ("if len(cache) > capacity:", "if len(cache) > max(capacity, 1):"),
+        ),
+    ),
+    Wrong(
+        "ex08_optimal_cache_hits",
+        su.NO_MUTATION,
+        "trace sorted in place",
+        _swap(
+            "accesses = trace.flatten().tolist()",
+            "accesses = trace.flatten().tolist()\n    trace.copy_(trace.sort(dim=-1).values)",
+        ),
+    ),
+    Wrong(
+        "ex08_offload_time_per_token",
+        su.OFFLOAD,
+        "bits",
+        _swap("return misses * expert_bytes", "return 8 * misses * expert_bytes"),
+    ),
+    Wrong(
+        "ex08_offload_time_per_token",
+        su.FRACTIONAL,
+        "whole misses",
+        _swap("return misses * expert_bytes", "return int(misses) * expert_bytes"),
+    ),
+    Wrong(
+        "ex08_upcycle",
+        su.UPCYCLED,
+        "a capacity limit",
+        _swap("n_experts, k=k)", "n_experts, k=k, capacity_factor=1.25)"),
+    ),
+    Wrong(
+        "ex08_upcycle",
+        su.COPIES,
+        "one module E times",
+        _swap(
+            "nn.ModuleList(copy.deepcopy(dense_ffn) for _ in range(n_experts))",
+            "nn.ModuleList([dense_ffn] * n_experts)",
+        ),
+    ),
+    Wrong(
+        "ex08_upcycle",
+        su.STEP0,
+        "fresh experts",
+        _swap("layer.experts = nn.ModuleList(", "_unused = nn.ModuleList("),
+    ),
+    Wrong(
+        "ex08_upcycle", su.DENSE_UNCHANGED, "noise on the dense layer", source=UPCYCLE_NOISY_DENSE
+    ),
 ]
 
 

@@ -1,11 +1,13 @@
-"""The teaching checks of notebook 05 (MoE transformer) must be able to fail, and fail helpfully.
+"""The teaching checks of notebook 05 (MoE transformer) must be able to fail, and fail
+helpfully.
 
 For every exercise: a correct implementation written differently from the reference passes
 the visible and hidden checks silently; each planted mistake fails with its own message;
 wrong return types fail with a message, not a crash. The checks every exercise shares
 (inputs deterministic and tie-free, outputs across the process boundary, stubs, calling the
 reference) run over all notebooks in tests/test_checks_common.py, from this module's
-`CORRECT`, `ALIASES` and `order_margins`.
+`CORRECT`, `ALIASES`, `order_margins`, and the tables `MISTAKES` (planted mistakes and the
+words their message must hold) and `WRONG_RETURNS`.
 """
 
 from __future__ import annotations
@@ -176,15 +178,6 @@ MISTAKES: list[tuple[str, Any, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("grade_id", "impl", "expected"), MISTAKES,
-                         ids=[f"{g}-{s[:24]}" for g, _, s in MISTAKES])
-def test_planted_mistake_fails_with_its_message(grade_id, impl, expected, capsys):
-    message = fails(grade_id, impl)
-    assert expected in message, message
-    assert message.startswith(f"{EXERCISES[grade_id].symbol}, check '")
-    assert capsys.readouterr().err == ""
-
-
 def test_every_exercise_has_planted_mistakes():
     assert {g for g, _, _ in MISTAKES} == set(GRADED)
 
@@ -202,14 +195,6 @@ def test_the_issue_mistakes_are_distinct_messages():
 WRONG_RETURNS: list[tuple[str, Any, str]] = [
     ("ex05_moe_lm_loss", lambda lg, tg, al, aux_weight=0.01, z_weight=0.001: lg, "shape ()"),
 ]
-
-
-@pytest.mark.parametrize(("grade_id", "impl", "expected"), WRONG_RETURNS,
-                         ids=[f"{g}-{s[:20]}" for g, _, s in WRONG_RETURNS])
-def test_wrong_return_type_or_shape_is_explained(grade_id, impl, expected):
-    message = fails(grade_id, impl, hidden=False)
-    assert expected in message, message
-    assert "must" in message or "you returned" in message
 
 
 def test_layer_missing_its_experts_is_explained():

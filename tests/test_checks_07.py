@@ -5,8 +5,9 @@ Correct implementations written differently from the reference pass the visible 
 checks silently; each planted mistake fails with its own message (never the generic
 fallback); wrong return types fail with a message. The checks every exercise shares (inputs
 deterministic, plain and tie-free, outputs across the process boundary, stubs, calling the
-reference) run in tests/test_checks_common.py from this module's `CORRECT`, `ALIASES` and
-`order_margins`.
+reference) run in tests/test_checks_common.py from this module's `CORRECT`, `ALIASES`,
+`order_margins`, and the tables `MISTAKES` (planted mistakes and the words their message
+must hold) and `WRONG_RETURNS`.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ from probe_data import fails
 
 import moe_course
 from moe_course.grading import EXERCISES, CheckFailure, check
+from moe_course.grading.inputs import MARGIN
 from moe_course.modern import aux_free_bias_update as _alias_bias_update
+from moe_course.modern import biased_top_k as _alias_biased
 from moe_course.modern import shared_expert_moe as _alias_shared
 from moe_course.modern import soft_moe as _alias_soft
 from moe_course.modern import sort_by_expert as _alias_sort
 
-# ex07_biased_top_k has its own check tests, in test_checks_07_bias.py.
 GRADED = sorted(gid for gid, ex in EXERCISES.items()
-                if ex.assignment == "07_modern_moe" and gid != "ex07_biased_top_k")
+                if ex.assignment == "07_modern_moe" and ex.kind != "written")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -66,6 +68,30 @@ def shared_with_other_references(x, shared_experts, routed_experts, w_gate, k):
     for f in shared_experts:
         y = y + f(x)
     return (y, weights, indices)
+
+
+def biased_sort(scores, bias, k):  # argsort and a mask-free gather
+    order = torch.argsort(scores + bias, dim=-1, descending=True)[:, :k]
+    chosen = torch.gather(scores, 1, order)
+    return chosen / chosen.sum(-1, keepdim=True), order
+
+
+def biased_loop(scores, bias, k):  # one token at a time, plain Python choice
+    weights, indices = [], []
+    for row in scores:
+        best = sorted(range(row.shape[0]), key=lambda e: -float(row[e] + bias[e]))[:k]
+        chosen = row[best]
+        weights.append(chosen / chosen.sum())
+        indices.append(torch.tensor(best))
+    return torch.stack(weights), torch.stack(indices)
+
+
+def biased_masked(scores, bias, k):  # a (T, E) mask, then normalise the masked scores
+    idx = (scores + bias.detach()).topk(k, dim=-1).indices
+    mask = torch.zeros_like(scores).scatter(1, idx, 1.0)
+    gates = scores * mask
+    gates = gates / gates.sum(-1, keepdim=True)
+    return gates.gather(1, idx), idx
 
 
 def bias_loop(bias, expert_counts, gamma):
@@ -116,6 +142,7 @@ def sort_keys(indices, n_experts):  # unique keys: any sort is then stable
 
 CORRECT: dict[str, list[Any]] = {
     "ex07_shared_expert_moe": [shared_masks, shared_with_other_references],
+    "ex07_biased_top_k": [biased_sort, biased_loop, biased_masked],
     "ex07_aux_free_bias_update": [bias_loop, bias_where],
     "ex07_soft_moe": [soft_einsum, soft_reshape],
     "ex07_sort_by_expert": [sort_loop, sort_keys],
@@ -124,7 +151,7 @@ CORRECT: dict[str, list[Any]] = {
 
 def test_every_graded_exercise_has_a_correct_implementation():
     assert GRADED == sorted(CORRECT)
-    assert len(GRADED) == 4
+    assert len(GRADED) == 5
 
 
 @pytest.mark.parametrize("grade_id", sorted(CORRECT))
@@ -194,6 +221,68 @@ def _shared_first_only(x, shared_experts, routed_experts, w_gate, k):
 def _shared_mutates(x, shared_experts, routed_experts, w_gate, k):
     w_gate /= 2
     return shared_with_other_references(x, shared_experts, routed_experts, w_gate, k)
+
+
+def _biased_bias_in_weights(scores, bias, k):
+    idx = (scores + bias).topk(k, dim=-1).indices
+    chosen = (scores + bias).gather(1, idx)
+    return chosen / chosen.sum(-1, keepdim=True), idx
+
+
+def _biased_no_bias_choice(scores, bias, k):
+    idx = scores.topk(k, dim=-1).indices
+    chosen = scores.gather(1, idx)
+    return chosen / chosen.sum(-1, keepdim=True), idx
+
+
+def _biased_unnormalised(scores, bias, k):
+    idx = (scores + bias).topk(k, dim=-1).indices
+    return scores.gather(1, idx), idx
+
+
+def _biased_softmax(scores, bias, k):
+    idx = (scores + bias).topk(k, dim=-1).indices
+    return torch.softmax(scores.gather(1, idx), dim=-1), idx
+
+
+def _biased_over_all(scores, bias, k):
+    idx = (scores + bias).topk(k, dim=-1).indices
+    return scores.gather(1, idx) / scores.sum(-1, keepdim=True), idx
+
+
+def _biased_ascending(scores, bias, k):
+    w, idx = biased_sort(scores, bias, k)
+    return w.flip(-1), idx.flip(-1)
+
+
+def _biased_by_id(scores, bias, k):
+    idx = (scores + bias).topk(k, dim=-1).indices.sort(-1).values
+    chosen = scores.gather(1, idx)
+    return chosen / chosen.sum(-1, keepdim=True), idx
+
+
+def _biased_subtracted(scores, bias, k):
+    idx = (scores - bias).topk(k, dim=-1).indices
+    chosen = scores.gather(1, idx)
+    return chosen / chosen.sum(-1, keepdim=True), idx
+
+
+def _biased_detached(scores, bias, k):
+    w, idx = biased_sort(scores, bias, k)
+    return w.detach(), idx
+
+
+def _biased_grad_into_bias(scores, bias, k):  # right values, but the bias is in the graph
+    w, idx = biased_sort(scores, bias, k)
+    b = bias.gather(0, idx.reshape(-1)).reshape(idx.shape)
+    return w + b - b.detach(), idx
+
+
+def _biased_in_place(scores, bias, k):  # adds the bias into the caller's scores
+    biased = scores.add_(bias)
+    idx = biased.topk(k, dim=-1).indices
+    chosen = (biased - bias).gather(1, idx)
+    return chosen / chosen.sum(-1, keepdim=True), idx
 
 
 def _bias_flipped(bias, expert_counts, gamma):
@@ -365,6 +454,17 @@ MISTAKES: list[tuple[str, Any, str]] = [
     ("ex07_shared_expert_moe", _shared_per_token, "shared expert 0 was called 8 times"),
     ("ex07_shared_expert_moe", _shared_first_only, "only each token's best routed expert"),
     ("ex07_shared_expert_moe", _shared_mutates, "changed its argument w_gate in place"),
+    ("ex07_biased_top_k", _biased_bias_in_weights, "your weights include the bias"),
+    ("ex07_biased_top_k", _biased_no_bias_choice, "you chose the experts by the unbiased"),
+    ("ex07_biased_top_k", _biased_unnormalised, "divide the chosen scores by their sum"),
+    ("ex07_biased_top_k", _biased_softmax, "you took a softmax of the chosen scores"),
+    ("ex07_biased_top_k", _biased_over_all, "you normalised over all E experts"),
+    ("ex07_biased_top_k", _biased_ascending, "ascending order"),
+    ("ex07_biased_top_k", _biased_by_id, "sorted by expert id"),
+    ("ex07_biased_top_k", _biased_subtracted, "you subtracted the bias"),
+    ("ex07_biased_top_k", _biased_detached, "not differentiable with respect to the scores"),
+    ("ex07_biased_top_k", _biased_grad_into_bias, "a gradient reaches the bias"),
+    ("ex07_biased_top_k", _biased_in_place, "changed its argument scores in place"),
     ("ex07_aux_free_bias_update", _bias_flipped, "your sign is flipped"),
     ("ex07_aux_free_bias_update", _bias_magnitude, "the load error itself"),
     ("ex07_aux_free_bias_update", _bias_delta, "you returned only the change"),
@@ -396,22 +496,19 @@ MISTAKES: list[tuple[str, Any, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("grade_id", "impl", "expected"), MISTAKES,
-                         ids=[f"{g}-{s[:24]}" for g, _, s in MISTAKES])
-def test_planted_mistake_fails_with_its_message(grade_id, impl, expected, capsys):
-    message = fails(grade_id, impl)
-    assert expected in message, message
-    assert message.startswith(f"{EXERCISES[grade_id].symbol}, check '")
-    assert " is wrong: " not in message  # a named mistake, not the generic fallback
-    assert capsys.readouterr().err == ""
-
-
 def test_every_exercise_has_planted_mistakes():
     assert {g for g, _, _ in MISTAKES} == set(GRADED)
 
 
 def test_the_stability_mistake_is_caught_by_the_visible_check():
     assert "not stably" in fails("ex07_sort_by_expert", _sort_unstable, hidden=False)
+
+
+@pytest.mark.parametrize("impl", [_biased_bias_in_weights, _biased_no_bias_choice,
+                                  _biased_unnormalised, _biased_softmax, _biased_detached,
+                                  _biased_grad_into_bias, _biased_in_place])
+def test_the_main_biased_top_k_mistakes_are_caught_by_the_visible_check(impl):
+    fails("ex07_biased_top_k", impl, hidden=False)
 
 
 def test_trajectory_probe_names_the_step():
@@ -427,7 +524,7 @@ def test_trajectory_probe_names_the_step():
 # ========================================================================================
 # Calling the reference: directly, through an alias captured at import, or wrapped.
 
-ALIASES = {"ex07_shared_expert_moe": _alias_shared,
+ALIASES = {"ex07_shared_expert_moe": _alias_shared, "ex07_biased_top_k": _alias_biased,
            "ex07_aux_free_bias_update": _alias_bias_update, "ex07_soft_moe": _alias_soft,
            "ex07_sort_by_expert": _alias_sort}
 
@@ -436,6 +533,10 @@ def test_references_work_again_after_a_tripped_check():
     with pytest.raises(CheckFailure, match="implement it yourself"):
         check("ex07_sort_by_expert", lambda i, e: _alias_sort(i, e))
     assert moe_course.sort_by_expert(torch.tensor([[1], [0]]), 2).order.tolist() == [1, 0]
+    with pytest.raises(CheckFailure, match="implement it yourself"):
+        check("ex07_biased_top_k", lambda s, b, k: _alias_biased(s, b, k))
+    _, indices = moe_course.biased_top_k(torch.tensor([[0.9, 0.6, 0.3]]), torch.zeros(3), 2)
+    assert indices.tolist() == [[0, 1]]
 
 
 # ========================================================================================
@@ -445,6 +546,9 @@ def test_references_work_again_after_a_tripped_check():
 WRONG_RETURNS: list[tuple[str, Any, str]] = [
     ("ex07_shared_expert_moe", lambda x, s, r, w, k: x, "must return a tuple (y, weights"),
     ("ex07_shared_expert_moe", lambda x, s, r, w, k: (x, x, x), "shape (8, 2)"),
+    ("ex07_biased_top_k", lambda s, b, k: None, "you returned None"),
+    ("ex07_biased_top_k", lambda s, b, k: s, "must return a tuple (weights, indices)"),
+    ("ex07_biased_top_k", lambda s, b, k: (s, s), "shape (6, 2)"),
     ("ex07_aux_free_bias_update", lambda b, c, g: None, "you returned None"),
     ("ex07_aux_free_bias_update", lambda b, c, g: b[:3], "shape (6,)"),
     ("ex07_soft_moe", lambda x, ex, p, c: (x, x, x), "shape (8, 4)"),
@@ -452,13 +556,6 @@ WRONG_RETURNS: list[tuple[str, Any, str]] = [
     ("ex07_sort_by_expert", lambda i, e: (i, torch.bincount(i.reshape(-1), minlength=e)),
      "shape (16,)"),
 ]
-
-
-@pytest.mark.parametrize(("grade_id", "impl", "expected"), WRONG_RETURNS,
-                         ids=[f"{g}-{s[:20]}" for g, _, s in WRONG_RETURNS])
-def test_wrong_return_type_or_shape_is_explained(grade_id, impl, expected):
-    message = fails(grade_id, impl, hidden=False)
-    assert expected in message, message
 
 
 # ========================================================================================
@@ -471,6 +568,9 @@ def order_margins(grade_id: str, inputs: dict) -> list[float]:
         k = inputs["k"]
         top = probs.sort(dim=-1, descending=True).values[:, : k + 1]
         return [float(top.diff(dim=-1).abs().min())] if top.shape[1] > 1 else []
+    if grade_id == "ex07_biased_top_k":  # the biased choice, and the unbiased order variants
+        return [float(values.sort(dim=-1, descending=True).values.diff(dim=-1).abs().min())
+                for values in (inputs["scores"] + inputs["bias"], inputs["scores"])]
     if "scores" in inputs:  # the bias trajectory: replay it with a loop
         bias, gaps = torch.zeros(inputs["scores"].shape[-1]), []
         for scores in inputs["scores"]:
@@ -486,7 +586,7 @@ def order_margins(grade_id: str, inputs: dict) -> list[float]:
 def test_order_dependent_probes_are_covered_by_the_tie_check():
     covered = {(gid, p.name) for gid in GRADED for p in EXERCISES[gid].visible
                + EXERCISES[gid].hidden if order_margins(gid, p.inputs())}
-    assert {gid for gid, _ in covered} == {"ex07_shared_expert_moe",
+    assert {gid for gid, _ in covered} == {"ex07_shared_expert_moe", "ex07_biased_top_k",
                                            "ex07_aux_free_bias_update"}
 
 
@@ -498,3 +598,23 @@ def test_sort_probes_have_ties_and_idle_experts():
         assert int(counts.max()) >= 2  # stability is observable
         if inputs["n_experts"] > 1:
             assert int(counts.min()) == 0  # an idle expert must be counted as 0
+
+
+def test_biased_probes_hold_sigmoid_affinities_and_a_bias_that_matters():
+    exercise = EXERCISES["ex07_biased_top_k"]
+    for probe in exercise.visible + exercise.hidden:
+        inputs = probe.inputs()
+        scores, bias, k = inputs["scores"], inputs["bias"], inputs["k"]
+        assert bool((scores > 0).all()) and bool((scores < 1).all())  # sigmoid affinities
+        assert min(order_margins("ex07_biased_top_k", inputs)) > MARGIN
+        if k < scores.shape[1]:  # the bias must matter somewhere, or it could be ignored
+            biased = (scores + bias).topk(k, dim=-1).indices.sort(-1).values
+            plain = scores.topk(k, dim=-1).indices.sort(-1).values
+            assert bool((biased != plain).any())
+
+
+def test_biased_top_k_points_and_order_in_the_registry():
+    ids = [g for g, ex in EXERCISES.items() if ex.assignment == "07_modern_moe"]
+    assert ids.index("ex07_biased_top_k") == ids.index("ex07_aux_free_bias_update") - 1
+    assert EXERCISES["ex07_biased_top_k"].points == 2
+    assert EXERCISES["ex07_aux_free_bias_update"].points == 1

@@ -1,15 +1,17 @@
 """What every exercise's checks must do, written once over all notebooks.
 
-Each notebook's check tests (tests/test_checks_NN.py) give three things: `CORRECT`, correct
+Each notebook's check tests (tests/test_checks_NN.py) give five things: `CORRECT`, correct
 implementations written differently from the reference; `ALIASES`, each exercise's
 reference captured at import; `order_margins(grade_id, inputs)`, the gaps the probe's
-order-dependent decisions rest on, by an independent oracle. From them, for every graded
-exercise and every probe: inputs are deterministic, plain and tie-free, a correct run's
-outputs survive `torch.load(weights_only=True)` and pass the judge, the judge refuses
-missing or truncated outputs, a stub fails with "not implemented", and calling the
-reference (directly, through an alias or the package, wrapped, swallowing the tripwire)
-fails with "implement it yourself". Checks of the check machinery that no one notebook owns
-are here too.
+order-dependent decisions rest on, by an independent oracle; `MISTAKES`, planted mistakes
+with the words their message must hold; `WRONG_RETURNS`, wrong return types and shapes.
+From them, for every graded exercise and every probe: inputs are deterministic, plain and
+tie-free, a correct run's outputs survive `torch.load(weights_only=True)` and pass the
+judge, the judge refuses missing or truncated outputs, a stub fails with "not implemented",
+calling the reference (directly, through an alias or the package, wrapped, swallowing the
+tripwire) fails with "implement it yourself", each planted mistake fails with its own
+message and each wrong return with one saying what was expected. Checks of the check
+machinery that no one notebook owns are here too.
 """
 
 from __future__ import annotations
@@ -80,6 +82,42 @@ def test_inputs_are_deterministic_tie_free_plain_and_outputs_round_trip(grade_id
                          ids=[f"{g}-{p.name}" for g, p in PROBES])
 def test_judge_refuses_missing_or_truncated_outputs(grade_id, probe):
     probe_data.judge_refuses_missing_or_truncated(EXERCISES[grade_id], probe, correct(grade_id))
+
+
+# ========================================================================================
+# Each notebook's planted mistakes (`MISTAKES`: grade_id, wrong answer, the words its
+# message must hold) fail with their own message, never the generic fallback; its wrong
+# return types and shapes (`WRONG_RETURNS`) fail the visible check with a message that says
+# what was expected. capfd, not capsys: notebook 06's layer runs in worker processes.
+
+MISTAKES = [case for module in NOTEBOOKS.values() for case in module.MISTAKES]
+WRONG_RETURNS = [case for module in NOTEBOOKS.values() for case in module.WRONG_RETURNS]
+
+
+@pytest.mark.parametrize(("grade_id", "impl", "expected"), MISTAKES,
+                         ids=[f"{g}-{s[:24]}" for g, _, s in MISTAKES])
+def test_planted_mistake_fails_with_its_message(grade_id, impl, expected, capfd):
+    message = probe_data.fails(grade_id, impl)
+    assert expected in message, message
+    assert message.startswith(f"{EXERCISES[grade_id].symbol}, check '"), message
+    assert " is wrong: " not in message, message  # a named mistake, not the generic fallback
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("grade_id", "impl", "expected"), WRONG_RETURNS,
+                         ids=[f"{g}-{s[:20]}" for g, _, s in WRONG_RETURNS])
+def test_wrong_return_type_or_shape_is_explained(grade_id, impl, expected):
+    message = probe_data.fails(grade_id, impl, hidden=False)
+    assert expected in message, message
+    assert "must" in message or "you returned" in message, message
+
+
+def test_every_notebook_exports_its_mistakes_and_wrong_returns():
+    for number, module in NOTEBOOKS.items():
+        graded = {g for g in GRADED if g[2:4] == number}
+        assert {g for g, _, _ in module.MISTAKES} == graded, number
+        assert {g for g, _, _ in module.WRONG_RETURNS} <= graded, number
+        assert module.WRONG_RETURNS, number
 
 
 def test_probe_names_are_unique_and_found_again():

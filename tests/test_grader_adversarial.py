@@ -34,6 +34,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from nbgrader_course import graded_only
 from test_grader import (
     NB01,
     ROOT,
@@ -375,13 +376,13 @@ def _clear_immutable(path: Path) -> None:
 
 def _notebook(case: Case, fill: dict[str, str]):
     if case.edits is None:
-        return submission(NB01, solved=set())
+        return graded_only(submission(NB01, solved=set()))
     edits = {}
     for gid, source in case.edits.items():
         for key, value in fill.items():
             source = source.replace(key, value)
         edits[gid] = source
-    nb = submission(NB01, edits=edits)
+    nb = graded_only(submission(NB01, edits=edits))
     for cell in nb.cells:
         grading = cell.metadata.get("nbgrader", {})
         if grading.get("grade_id") in case.meta:
@@ -461,6 +462,7 @@ def graded(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("adversarial")
 @pytest.mark.parametrize("name", [case.name for case in CASES])
 def test_each_case_gets_its_correct_points(graded: dict, name: str) -> None:
     grades = read_grades(graded["out"])
@@ -475,6 +477,7 @@ def _messages(graded: dict, name: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("adversarial")
 def test_the_run_ends_within_its_limits_and_says_why(graded: dict) -> None:
     assert graded["status"] == 1, graded["log"][-3000:]  # 1: two symlinks were not graded
     assert not graded["report"]["complete"] and not graded["report"]["errors"]
@@ -513,6 +516,7 @@ def test_the_run_ends_within_its_limits_and_says_why(graded: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("adversarial")
 def test_learner_code_reaches_nothing_outside(graded: dict) -> None:
     """No metadata change (mode, owner, times, xattrs, inode flags) landed, and no
     connection reached the listeners on a path or abstract unix socket or on TCP."""
@@ -521,6 +525,7 @@ def test_learner_code_reaches_nothing_outside(graded: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("adversarial")
 def test_a_bad_tree_costs_nobody_their_gradebook(graded: dict) -> None:
     """Names that sanitise alike get two feedback pages, a name that is not UTF-8 is graded
     under an escaped name, and each symlink is listed as skipped, with its reason."""
@@ -540,6 +545,7 @@ def test_a_bad_tree_costs_nobody_their_gradebook(graded: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("adversarial")
 def test_nothing_is_written_outside_the_sandboxes(graded: dict) -> None:
     out = graded["out"]
     assert sorted(p.name for p in out.iterdir()) == ["feedback", "grades.csv", "grades.json"]
@@ -554,6 +560,7 @@ def test_nothing_is_written_outside_the_sandboxes(graded: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("adversarial")
 def test_feedback_shows_hidden_checks_only_as_passed_or_failed(graded: dict) -> None:
     page = (graded["out"] / "feedback" / "blank" / f"{NB01}.md").read_text()
     assert "hidden check 1: failed" in page and "not implemented yet" in page
@@ -632,6 +639,7 @@ def _kill_kernels(root: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("adversarial-nbgrader")
 @pytest.mark.parametrize("name", [case.name for case in CASES])
 def test_nbgrader_does_what_the_readme_says(autograded: dict, name: str) -> None:
     case = BY_NAME[name]
@@ -640,6 +648,7 @@ def test_nbgrader_does_what_the_readme_says(autograded: dict, name: str) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("adversarial-nbgrader")
 def test_nbgrader_lets_submissions_write_and_spawn(autograded: dict) -> None:
     """What the table's notes say: under nbgrader, files outside the notebook get written,
     another submission is overwritten, every process the spawning cases ask for starts (they

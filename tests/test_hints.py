@@ -27,10 +27,13 @@ ALIASES = {"n_tokens": "T", "d_model": "D", "d_hidden": "H", "n_experts": "E", "
 
 
 def hints(grade_id: str) -> list[tuple[str, str]]:
-    """(summary, body) of each `<details>` in the markdown cell nearest above the answer."""
+    """(summary, body) of each `<details>` in the markdown cell nearest above the answer,
+    after the previous exercise's cells: an exercise's own hints, never an earlier one's."""
     cells = solution_code.notebook(EXERCISES[grade_id].assignment).cells
     at = next(i for i, c in enumerate(cells) if solution_code.grade_id(c) == grade_id)
     for cell in reversed(cells[:at]):
+        if solution_code.grade_id(cell):  # an earlier exercise's answer or tests cell
+            break
         if cell.cell_type == "markdown" and "<details>" in cell.source:
             return DETAILS.findall(cell.source)
     return []

@@ -126,10 +126,11 @@ def switch_aux_loss(router_probs, indices):
     counts = torch.bincount(indices.reshape(-1).long(), minlength=router_probs.shape[-1])
     return _from_counts(router_probs, counts, indices.numel()).loss
 """),
-    ("helper lru_hit_mask", "ex08_lru_cache_hits", """
-import moe_course.serving as _s
-def lru_cache_hits(trace, capacity):
-    return int(_s.lru_hit_mask(trace, capacity).sum())
+    ("helper _kth_excluding", "ex03_load_loss", """
+from moe_course import losses as _l
+def load_loss(clean_logits, noisy_logits, noise_std, k, w_load=0.01):
+    kth, next_ = _l._kth_excluding(noisy_logits, k)
+    return w_load * (clean_logits - kth).sigmoid().sum(0).var()
 """),
     # -- tampering with the profiler --
     ("sys.setprofile(None)", "ex01_softmax_gate", """

@@ -1139,8 +1139,11 @@ from moe_course.experiments import BALANCING, band, train_balancing  # noqa: E40
 SEEDS = (0, 1, 2)
 your_losses = {"importance_loss": importance_loss, "load_loss": load_loss,
                "switch_aux_loss": switch_aux_loss}
+# load_loss is the challenge: while it is still the stub, its row is left out
+ways = [name for name in BALANCING if name != "importance + load"
+        or implemented(load_loss, torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), 1)]
 balancing_runs = {name: [train_balancing(name, seed=seed, losses=your_losses) for seed in SEEDS]
-                  for name in BALANCING}
+                  for name in ways}
 columns = {"val MSE": "val_loss", "CV(importance)": "cv_importance", "CV(load)": "cv_load",
            "max/mean load": "max_over_mean", "dropped at 1.0": "dropped",
            "val MSE at 1.0": "val_loss_capped"}
@@ -1155,7 +1158,7 @@ width = 0.2
 for j, (name, runs) in enumerate(balancing_runs.items()):
     # each seed's loads sorted from busiest to idlest, then the mean and range over seeds
     loads = torch.stack([r.load.sort(descending=True).values for r in runs])  # (seeds, E)
-    xs = torch.arange(loads.shape[1]) + (j - 1.5) * width
+    xs = torch.arange(loads.shape[1]) + (j - (len(ways) - 1) / 2) * width
     axes[0].bar(xs, loads.mean(0), width=width, label=name,
                 yerr=torch.stack([loads.mean(0) - loads.min(0).values,
                                   loads.max(0).values - loads.mean(0)]), capsize=2)
@@ -1168,12 +1171,15 @@ axes[0].axhline(1 / 8, color="gray", ls=":", lw=1.2)
 axes[0].set(xlabel="experts, busiest first", ylabel="share of assignments",
             title="load per expert (mean and range over 3 seeds)")
 axes[0].legend(fontsize=8)
-axes[1].set(xticks=range(len(BALANCING)), xticklabels=BALANCING, ylabel="validation MSE",
+axes[1].set(xticks=range(len(ways)), xticklabels=ways, ylabel="validation MSE",
             title="quality (mean and range over 3 seeds)")
 axes[1].tick_params(axis="x", labelsize=8)
 axes[1].legend(fontsize=8)
 plt.tight_layout()
 plt.show()
+if len(ways) < len(BALANCING):
+    print("(importance + load left out: load_loss is not implemented yet, the challenge of "
+          "section 3)")
 
 # %% [markdown]
 # The numbers are this run's; the pattern below held on each of the three seeds.

@@ -227,10 +227,22 @@ plt.show()
 # sums to 1. The weights must stay differentiable with respect to `scores` (the router
 # learns through them) and must not depend on `bias` at all.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# Which experts, and how much of each, are two separate questions here: answer the first
-# with `torch.topk` on one tensor and the second with `gather` on another.
+# Which experts, and how much of each, are two separate questions here. Which: the `k`
+# largest biased scores $s + b$ of each token, best first (eq. 16). How much: the
+# *unbiased* scores $s$ of those same experts, divided by their sum over the `k` chosen
+# (eq. 13), not a softmax and not a sum over all `E`. The bias enters the first answer
+# only, so the weights carry no gradient to it; keep them torch operations on `scores`.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# indices = torch.topk(..., k, dim=-1).indices   # (T, K) chosen by the biased scores
+# chosen = ....gather(1, indices)                # (T, K) the unbiased scores of those
+# weights = ...                                  # (T, K) divided by their sum over K
+# ```
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex07_biased_top_k", "locked": false, "schema_version": 3, "solution": true}

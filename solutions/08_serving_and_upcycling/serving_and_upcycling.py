@@ -131,9 +131,18 @@ print(f"{history.steps} steps in {time.perf_counter() - start:.1f} s, training l
 # `(T, K)` integer tensor of chosen experts, `n_experts` is `E`. Return, as a Python `int`,
 # how many distinct experts appear in `indices`.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# `torch.unique(indices)` lists each expert once; or `set(indices.flatten().tolist())`.
+# An expert that several tokens chose is read from memory once for the whole batch, so
+# count each expert once however many tokens chose it, looking at all `K` columns of
+# `indices`, not only the first choices. Experts that nobody chose do not count.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# `torch.unique(indices)` holds each chosen expert once (or build a Python `set` from
+# `indices.flatten().tolist()`); its length is the answer. Return a Python `int`, not a
+# tensor.
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex08_experts_touched", "locked": false, "schema_version": 3, "solution": true}
@@ -164,6 +173,23 @@ check("ex08_experts_touched", experts_touched, hidden=True)
 #
 # **Exercise 2 (1 point).** Write `expected_experts_touched(batch, n_experts, k)` returning
 # this expectation as a float (`batch >= 0`, `1 <= k <= n_experts`).
+#
+# <details><summary>Hint 1: the idea</summary>
+#
+# Linearity of expectation: the expected number of experts touched is the sum, over the
+# `E` experts, of the probability that each one is touched. One token misses a given
+# expert with probability 1 - K/E, and the `B` tokens choose independently, so all of them
+# miss it with that probability to the power `B`. The formula holds at the edges too: a
+# batch of no tokens touches nothing, and with `K = E` every expert is touched.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# miss_all = ...   # the probability that one expert escapes all `batch` tokens (use **)
+# return ...       # n_experts times the probability that it does not escape, a float
+# ```
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex08_expected_experts_touched", "locked": false, "schema_version": 3, "solution": true}
 def expected_experts_touched(batch, n_experts, k):
@@ -262,12 +288,29 @@ for b, m, u in zip(batch_sizes, measured[0].tolist(), uniform):
 # becomes the most recently used. On a miss, cache it (when `capacity > 0`), evicting the
 # least recently used expert if the cache is full.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
+#
+# Walk the accesses in order, keeping the cached experts ordered from the least to the
+# most recently used. A hit counts, and moves the expert to the most recent end: a *hit*
+# refreshes the recency too, not only a load. A miss, when there is room for anything at
+# all, first evicts the least recently used expert if the cache is full, then adds the new
+# one at the most recent end. A cache of capacity 0 never holds anything.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
 #
 # `collections.OrderedDict` keeps insertion order: `move_to_end(e)` marks `e` as the most
 # recently used, `popitem(last=False)` removes the least recently used. A list with
-# `remove` and `append` works as well at these sizes. Mind that a *hit* refreshes the
-# recency too.
+# `remove` and `append` works as well at these sizes.
+#
+# ```python
+# cache = OrderedDict()  # least recently used first
+# for expert in trace.flatten().tolist():
+#     if expert in cache:
+#         ...            # a hit: count it, and make it the most recently used
+#     elif capacity > 0:
+#         ...            # a miss: evict the least recently used if full, then cache it
+# ```
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex08_lru_cache_hits", "locked": false, "schema_version": 3, "solution": true}
@@ -434,6 +477,22 @@ CacheExplorer(trace, n_experts=N_EXPERTS, capacity=4, policy="LRU")
 # `misses` expert copies per token (over all layers, possibly an average), each of
 # `expert_bytes` bytes, over a link of `bandwidth` bytes per second. Return the seconds per
 # token the copies take, done one after the other and not overlapped with computation.
+#
+# <details><summary>Hint 1: the idea</summary>
+#
+# Each miss copies one whole expert over the link, and the copies run one after the
+# other, so their bytes add up; a link that moves `bandwidth` bytes every second needs the
+# bytes divided by that rate, in seconds. Everything is already in bytes: no factor 8, no
+# conversion to GB. `misses` may be an average such as 3.5: use it as it is.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# bytes_moved = ...   # per token: all the missed experts together
+# return ...          # seconds: bytes over bytes per second
+# ```
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex08_offload_time_per_token", "locked": false, "schema_version": 3, "solution": true}
 def offload_time_per_token(misses, expert_bytes, bandwidth):
@@ -515,16 +574,29 @@ print(f"experts that fit in 12 GB: {gpu_free / expert_fp16:.0f} in fp16 "
 # **Exercise 6 (3 points).** Write `upcycle(dense_ffn, n_experts, k)`: `dense_ffn` is a
 # dense feed-forward block (an `Expert`, with `w_in = nn.Linear(D, H)` and `w_out`).
 # Return a `moe_course.layers.MoEFeedForward` with `n_experts` experts, top-`k` routing and
-# no capacity limit, whose experts are independent copies of `dense_ffn`, so that its
-# output `.y` equals `dense_ffn(x)` at step 0. Leave `dense_ffn` unchanged.
+# no capacity limit, every parameter trainable, whose experts are independent copies of
+# `dense_ffn`, so that its output `.y` equals `dense_ffn(x)` at step 0. Leave `dense_ffn`
+# unchanged.
 #
-# <details><summary>Hint</summary>
+# <details><summary>Hint 1: the idea</summary>
 #
-# `MoEFeedForward(D, H, n_experts, k=k)` builds the layer (read `D` and `H` from
-# `dense_ffn.w_in`); then either replace its experts,
-# `layer.experts = nn.ModuleList(copy.deepcopy(dense_ffn) for _ in range(n_experts))`, or
-# load the dense weights into each of its own: `expert.load_state_dict(dense_ffn.state_dict())`.
-# Its router may stay as it is initialised.
+# Build notebook 05's mixture layer with the dense layer's sizes, `n_experts` experts,
+# top-`k` routing and no capacity limit; then make every one of its experts an exact and
+# independent copy of `dense_ffn`: the same values in parameters of its own, so that
+# training can later make the experts differ. Copy the dense weights, never move or change
+# them. The router may stay as it is initialised: any weights summing to 1 give `f(x)`.
+# </details>
+#
+# <details><summary>Hint 2: the shape of the code</summary>
+#
+# ```python
+# d_model, d_hidden = ...       # read them from dense_ffn.w_in, an nn.Linear(D, H)
+# layer = MoEFeedForward(...)   # n_experts experts, top-k, no capacity limit
+# layer.experts = ...           # an nn.ModuleList of n_experts deep copies of dense_ffn
+# ```
+# `copy.copy(dense_ffn)` or `[dense_ffn] * n_experts` would share one set of weights:
+# each expert needs its own (`copy.deepcopy`), or the dense weights loaded into each of
+# the layer's own experts with `load_state_dict`.
 # </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex08_upcycle", "locked": false, "schema_version": 3, "solution": true}

@@ -669,6 +669,9 @@ FLOAT_LOADS = "counts may be integers or float loads"
 SOFT = "dispatch softmax over tokens, combine softmax over slots, y = combine @ outputs"
 SLOTS = "expert e called once on slots[e*C:(e+1)*C]"
 SOFT_GRAD = "differentiable: gradients reach phi"
+CHOSEN_BY_BIAS = "indices: the k largest scores + bias per token, best biased score first"
+UNBIASED_WEIGHTS = "weights: the chosen unbiased scores over their sum, each row summing to 1"
+BIAS_NO_GRAD = "weights differentiable in scores, no gradient reaches the bias"
 SORT = "order: stable sort of indices.reshape(-1) by expert; counts per expert"
 IDLE = "0 for an expert nobody chose, the last one too"
 
@@ -693,15 +696,20 @@ HIDDEN_SHARED_EXPERT_MOE = (
 )
 VISIBLE_BIASED_TOP_K = (
     Probe("6 tokens, top-2 of 5 experts, a bias that changes some choices",
-          lambda: _biased_inputs(741, 6, 5, 2, 0.3), _biased_run, _biased_judge),
+          lambda: _biased_inputs(741, 6, 5, 2, 0.3), _biased_run, _biased_judge,
+          rules=(CHOSEN_BY_BIAS, UNBIASED_WEIGHTS, NO_MUTATION)),
+    Probe("gradient reaches the scores, not the bias (5 tokens, top-2 of 4)",
+          lambda: _biased_inputs(745, 5, 4, 2, 0.3), _biased_grad_run, _biased_grad_judge,
+          rules=(CHOSEN_BY_BIAS, UNBIASED_WEIGHTS, BIAS_NO_GRAD)),
 )
 HIDDEN_BIASED_TOP_K = (
     Probe("12 tokens, top-3 of 8 experts", lambda: _biased_inputs(742, 12, 8, 3, 0.4),
-          _biased_run, _biased_judge),
+          _biased_run, _biased_judge, rules=(CHOSEN_BY_BIAS, UNBIASED_WEIGHTS, NO_MUTATION)),
     Probe("top-1 of 4 experts (weights all 1)", lambda: _biased_inputs(743, 7, 4, 1, 0.3),
-          _biased_run, _biased_judge),
+          _biased_run, _biased_judge, rules=(CHOSEN_BY_BIAS, UNBIASED_WEIGHTS)),
     Probe("gradient reaches the scores, not the bias",
-          lambda: _biased_inputs(744, 8, 6, 2, 0.3), _biased_grad_run, _biased_grad_judge),
+          lambda: _biased_inputs(744, 8, 6, 2, 0.3), _biased_grad_run, _biased_grad_judge,
+          rules=(CHOSEN_BY_BIAS, UNBIASED_WEIGHTS, BIAS_NO_GRAD)),
 )
 VISIBLE_AUX_FREE_BIAS_UPDATE = (
     Probe("6 experts, integer counts, two at the mean",

@@ -60,6 +60,25 @@ def _as_float(value: object, what: str) -> float:
     return float(value)
 
 
+# The errors a learner's arithmetic or bookkeeping raises on an edge case (batch = 0, k = E,
+# capacity = 0): recorded per case, so that the judge can name the case instead of the run
+# failing as a whole. A stub's NotImplementedError and the reference's tripwire still end
+# the run.
+_CASE_ERRORS = (LookupError, ValueError, ArithmeticError)
+
+
+def _raised(exc: Exception) -> dict[str, str]:
+    text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    return {"kind": "raised", "error": f"{type(exc).__name__}{': ' + text if text else ''}"}
+
+
+def _raised_error(value: object) -> str | None:
+    """The error a case raised (recorded by `_raised`), or None for a returned value."""
+    if isinstance(value, dict) and value.get("kind") == "raised":
+        return str(value.get("error", "an error"))
+    return None
+
+
 def _first_match(value: float, variants: list[tuple[float, str]]) -> str | None:
     for wrong, message in variants:
         if close(value, wrong):
@@ -121,7 +140,13 @@ def _expected_touched(b: int, e: int, k: int) -> float:
 
 
 def _expected_run(fn: Any, inputs: Inputs) -> Outputs:
-    return {"results": [capture(fn(*case)) for case in inputs["cases"]]}
+    results: list[Any] = []
+    for case in inputs["cases"]:
+        try:
+            results.append(capture(fn(*case)))
+        except _CASE_ERRORS as exc:
+            results.append(_raised(exc))
+    return {"results": results}
 
 
 def _expected_judge(inputs: Inputs, outputs: Outputs) -> None:
@@ -130,11 +155,26 @@ def _expected_judge(inputs: Inputs, outputs: Outputs) -> None:
         raise CheckFailure("could not run expected_experts_touched on every case of the check")
     for (b, e, k), got in zip(inputs["cases"], results, strict=True):
         what = f"expected_experts_touched(batch={b}, n_experts={e}, k={k})"
-        value = _as_float(got, what)
         expected = _expected_touched(b, e, k)
+        error = _raised_error(got)
+        if error is not None:
+            edge = ""
+            if k == e:
+                edge = (": k = E is allowed (1 <= k <= n_experts): every token takes every "
+                        f"expert and all E = {e} are touched; (1 - k/E) ** B is then 0 (a "
+                        "logarithm of it fails)")
+            elif b == 0:
+                edge = (": batch = 0 is allowed (batch >= 0): no token touches any expert, "
+                        "(1 - k/E) ** 0 = 1, and the answer is 0.0")
+            raise CheckFailure(f"{what} raised {error}{edge}")
+        value = _as_float(got, what)
         if close(value, expected, rtol=1e-6, atol=1e-9):
             continue
         message = _first_match(value, [
+            *([(float(k), "a batch of no tokens touches no expert: (1 - k/E) ** 0 = 1, so the "
+                          "answer is 0.0. Did you start from the first token's k experts? The "
+                          "closed form E * (1 - (1 - k/E) ** B) holds for B = 0 too")]
+              if b == 0 else []),
             (e * (1.0 - (k / e) ** b), "you swapped k/E and 1 - k/E: one token *misses* a "
                                        "given expert with probability 1 - k/E, so all B tokens "
                                        "miss it with probability (1 - k/E) ** B, and E * (1 - "
@@ -291,6 +331,9 @@ _LRU_MISTAKES: list[tuple[Policy, str]] = [
               "the past only"),
     (lambda a, c: _LRU(a, c + 1), "your cache holds one expert more than capacity"),
     (lambda a, c: _LRU(a, max(c - 1, 0)), "your cache holds one expert fewer than capacity"),
+    (lambda a, c: _LRU(a, max(c, 1)), "at capacity 0 your cache still keeps the expert just "
+                                      "used: a cache with no slots caches nothing, every "
+                                      "access misses (0 hits)"),
 ]
 
 _BELADY_MISTAKES: list[tuple[Policy, str]] = [
@@ -309,6 +352,9 @@ _BELADY_MISTAKES: list[tuple[Policy, str]] = [
                                            "away, however often it is used later"),
     (_misses_of(_BELADY), "you returned the misses: return the hits (accesses - misses)"),
     (lambda a, c: _BELADY(a, c + 1), "your cache holds one expert more than capacity"),
+    (lambda a, c: _BELADY(a, max(c, 1)), "at capacity 0 your cache still keeps the expert just "
+                                         "used (the staging buffer is not a slot): with no "
+                                         "slots every access misses (0 hits)"),
 ]
 
 
@@ -337,7 +383,11 @@ def _trace_inputs(seed: int, n: int, k: int, e: int, capacities: list[int],
 def _cache_run(fn: Any, inputs: Inputs) -> Outputs:
     results, mutated = [], []
     for c in inputs["capacities"]:
-        out = call(fn, [("trace", inputs["trace"]), ("capacity", c)])
+        try:
+            out = call(fn, [("trace", inputs["trace"]), ("capacity", c)])
+        except _CASE_ERRORS as exc:
+            results.append(_raised(exc))
+            continue
         results.append(out["result"])
         mutated += [m for m in out["mutated"] if m not in mutated]
     return {"results": results, "mutated": mutated}
@@ -352,6 +402,17 @@ def _cache_judge(symbol: str, truth: Policy, mistakes: list[tuple[Policy, str]],
         if len(results) != len(capacities):
             raise CheckFailure(f"could not run {symbol} at every capacity of the check")
         shape = tuple(trace.shape)
+        errors = [_raised_error(r) for r in results]
+        for error, c in zip(errors, capacities, strict=True):
+            if error is None:
+                continue
+            only_at_zero = c == 0 and all(e is None for e, cap in zip(errors, capacities,
+                                                                      strict=True) if cap)
+            raise CheckFailure(
+                f"{symbol}(trace of shape {shape}, capacity={c}) raised {error}"
+                + (": capacity 0 is allowed, a cache with no slots: nothing is ever cached "
+                   "or evicted, every access misses, 0 hits (cache an expert only when "
+                   "capacity > 0)" if only_at_zero else ""))
         got = [_as_int(r, f"{symbol}(trace of shape {shape}, capacity={c})")
                for r, c in zip(results, capacities, strict=True)]
         accesses = [int(v) for v in trace.reshape(-1).tolist()]
@@ -404,6 +465,13 @@ def _offload_judge(inputs: Inputs, outputs: Outputs) -> None:
             (expected / 1e9, "you converted to GB on one side only: bytes / (bytes per second) "
                              "is already seconds"),
             (size / bw, "you left out misses: every missed expert is one copy of expert_bytes"),
+            *([(math.floor(m) * size / bw, f"you rounded misses down to a whole number: "
+                                            f"misses may be an average per token (here {m:g}), "
+                                            "use it as it is"),
+               (math.ceil(m) * size / bw, f"you rounded misses up to a whole number: misses "
+                                           f"may be an average per token (here {m:g}), use it "
+                                           "as it is")]
+              if not float(m).is_integer() else []),
             (bw / (m * size) if m * size else math.inf, "you divided the wrong way: time = "
                                                         "bytes / bandwidth"),
             (m * bw / size, "you divided the wrong way: time = misses * expert_bytes / "
@@ -586,76 +654,100 @@ def _offload_cases(seed: int) -> list[list[float]]:
              draw_choice(g, (1e9, 4e9, 16e9, 32e9, 64e9))] for _ in range(2)]
 
 
+# Rules the exercises state, each tested by a visible probe (and most again by a hidden one).
+TOUCHED = "the number of distinct experts in indices, an int"
+NO_MUTATION = "never changes an argument in place"
+EXPECTED = "E * (1 - (1 - k/E) ** B) as a float"
+NO_BATCH = "batch = 0 is allowed: no expert touched"
+ALL_EXPERTS = "k = E is allowed: all E experts touched"
+LRU = "LRU hits: every use refreshes recency, a miss evicts the least recently used; an int"
+ZERO_CAPACITY = "capacity 0 is allowed: nothing cached, 0 hits"
+BELADY = "Belady hits: keep, of the cached and the one just used, those needed soonest; an int"
+OFFLOAD = "seconds = misses * expert_bytes / bandwidth, a float"
+FRACTIONAL = "misses may be an average per token, not a whole number"
+UPCYCLED = "a trainable MoEFeedForward with n_experts experts, top-k routing, no capacity limit"
+COPIES = "experts are independent copies of dense_ffn, no storage shared"
+STEP0 = "its output .y equals dense_ffn(x) at step 0"
+DENSE_UNCHANGED = "dense_ffn is left unchanged"
+
 _TOUCHED_VISIBLE = [([[0, 3], [0, 1], [0, 1], [6, 3], [1, 0]], 12),
                     ([[2], [2], [5], [2]], 6)]
 _TOUCHED_HIDDEN = [([[4, 1, 7]], 8),
                    ([[0, 1], [2, 3], [0, 2], [1, 3], [3, 0], [2, 1]], 4),
                    ([[5, 9], [9, 5], [5, 9], [11, 2], [9, 2], [5, 2], [0, 9]], 12)]
+_LRU_JUDGE = _cache_judge("lru_cache_hits", _LRU, _LRU_MISTAKES, _LRU_RULE)
+_BELADY_JUDGE = _cache_judge("optimal_cache_hits", _BELADY, _BELADY_MISTAKES, _BELADY_RULE)
+_UPCYCLE_RULES = (UPCYCLED, COPIES, STEP0, DENSE_UNCHANGED)
 
 VISIBLE_EXPERTS_TOUCHED = (
     Probe("two batches, 5 tokens top-2 of 12 and 4 tokens top-1 of 6",
-          lambda: _touched_inputs(_TOUCHED_VISIBLE), _touched_run, _touched_judge),
+          lambda: _touched_inputs(_TOUCHED_VISIBLE), _touched_run, _touched_judge,
+          rules=(TOUCHED, NO_MUTATION)),
 )
 HIDDEN_EXPERTS_TOUCHED = (
     Probe("one token; every expert touched; many repeats",
           lambda: _touched_inputs(_TOUCHED_HIDDEN + _touched_cases(804)), _touched_run,
-          _touched_judge),
+          _touched_judge, rules=(TOUCHED, NO_MUTATION)),
 )
 VISIBLE_EXPECTED_EXPERTS_TOUCHED = (
     Probe("B = 6, 1, 20", lambda: {"cases": [[6, 16, 2], [1, 16, 4], [20, 64, 2]]},
-          _expected_run, _expected_judge),
+          _expected_run, _expected_judge, rules=(EXPECTED,)),
+    Probe("B = 0, and k = E", lambda: {"cases": [[0, 16, 4], [7, 5, 5], [2, 3, 3]]},
+          _expected_run, _expected_judge, rules=(EXPECTED, NO_BATCH, ALL_EXPERTS)),
 )
 HIDDEN_EXPECTED_EXPERTS_TOUCHED = (
     Probe("B = 0, k = E, a large batch, top-1",
           lambda: {"cases": [[0, 8, 2], [5, 6, 6], [100, 128, 8], [3, 10, 1],
                              *_expected_cases(805)]},
-          _expected_run, _expected_judge),
+          _expected_run, _expected_judge, rules=(EXPECTED, NO_BATCH, ALL_EXPERTS)),
 )
 VISIBLE_LRU_CACHE_HITS = (
-    Probe("40 tokens, top-2 of 6, capacities 1-4",
-          lambda: _trace_inputs(801, 40, 2, 6, [1, 2, 3, 4]), _cache_run,
-          _cache_judge("lru_cache_hits", _LRU, _LRU_MISTAKES, _LRU_RULE)),
+    Probe("40 tokens, top-2 of 6, capacities 0-4",
+          lambda: _trace_inputs(801, 40, 2, 6, [0, 1, 2, 3, 4]), _cache_run, _LRU_JUDGE,
+          rules=(LRU, ZERO_CAPACITY, NO_MUTATION)),
 )
 HIDDEN_LRU_CACHE_HITS = (
     Probe("60 tokens, top-1 of 5, capacities 0-5",
-          lambda: _trace_inputs(802, 60, 1, 5, [0, 1, 2, 3, 5]), _cache_run,
-          _cache_judge("lru_cache_hits", _LRU, _LRU_MISTAKES, _LRU_RULE)),
+          lambda: _trace_inputs(802, 60, 1, 5, [0, 1, 2, 3, 5]), _cache_run, _LRU_JUDGE,
+          rules=(LRU, ZERO_CAPACITY, NO_MUTATION)),
     Probe("50 tokens, top-3 of 10, capacities 2-10",
-          lambda: _trace_inputs(803, 50, 3, 10, [2, 4, 5, 7, 10]), _cache_run,
-          _cache_judge("lru_cache_hits", _LRU, _LRU_MISTAKES, _LRU_RULE)),
+          lambda: _trace_inputs(803, 50, 3, 10, [2, 4, 5, 7, 10]), _cache_run, _LRU_JUDGE,
+          rules=(LRU, NO_MUTATION)),
 )
 VISIBLE_OPTIMAL_CACHE_HITS = (
-    Probe("40 tokens, top-2 of 6, capacities 1-4",
-          lambda: _trace_inputs(811, 40, 2, 6, [1, 2, 3, 4]), _cache_run,
-          _cache_judge("optimal_cache_hits", _BELADY, _BELADY_MISTAKES, _BELADY_RULE)),
+    Probe("40 tokens, top-2 of 6, capacities 0-4",
+          lambda: _trace_inputs(811, 40, 2, 6, [0, 1, 2, 3, 4]), _cache_run, _BELADY_JUDGE,
+          rules=(BELADY, ZERO_CAPACITY, NO_MUTATION)),
 )
 HIDDEN_OPTIMAL_CACHE_HITS = (
     Probe("60 tokens, top-1 of 5, capacities 0-5",
-          lambda: _trace_inputs(812, 60, 1, 5, [0, 1, 2, 3, 5]), _cache_run,
-          _cache_judge("optimal_cache_hits", _BELADY, _BELADY_MISTAKES, _BELADY_RULE)),
+          lambda: _trace_inputs(812, 60, 1, 5, [0, 1, 2, 3, 5]), _cache_run, _BELADY_JUDGE,
+          rules=(BELADY, ZERO_CAPACITY, NO_MUTATION)),
     Probe("50 tokens, top-3 of 10, capacities 2-10",
-          lambda: _trace_inputs(813, 50, 3, 10, [2, 4, 5, 7, 10]), _cache_run,
-          _cache_judge("optimal_cache_hits", _BELADY, _BELADY_MISTAKES, _BELADY_RULE)),
+          lambda: _trace_inputs(813, 50, 3, 10, [2, 4, 5, 7, 10]), _cache_run, _BELADY_JUDGE,
+          rules=(BELADY, NO_MUTATION)),
 )
 VISIBLE_OFFLOAD_TIME_PER_TOKEN = (
     Probe("Mixtral-sized experts over PCIe, and a fractional miss count",
           lambda: {"cases": [[64, 352321536.0, 32e9], [3.5, 1.2e8, 25e9]]}, _offload_run,
-          _offload_judge),
+          _offload_judge, rules=(OFFLOAD, FRACTIONAL)),
 )
 HIDDEN_OFFLOAD_TIME_PER_TOKEN = (
     Probe("no misses, a slow link, an integer size",
           lambda: {"cases": [[0, 5e8, 32e9], [12, 66060288.0, 4e9], [7, 1000, 250],
                              *_offload_cases(825)]},
-          _offload_run, _offload_judge),
+          _offload_run, _offload_judge, rules=(OFFLOAD,)),
 )
 VISIBLE_UPCYCLE = (
     Probe("D=6, H=12 into 4 experts, top-2, input (5, D)",
-          lambda: _upcycle_inputs(821, 6, 12, 4, 2, (5,)), _upcycle_run, _upcycle_judge),
+          lambda: _upcycle_inputs(821, 6, 12, 4, 2, (5,)), _upcycle_run, _upcycle_judge,
+          rules=_UPCYCLE_RULES),
 )
 HIDDEN_UPCYCLE = (
     Probe("D=8, H=16 into 8 experts, top-2, input (2, 7, D)",
-          lambda: _upcycle_inputs(822, 8, 16, 8, 2, (2, 7)), _upcycle_run, _upcycle_judge),
+          lambda: _upcycle_inputs(822, 8, 16, 8, 2, (2, 7)), _upcycle_run, _upcycle_judge,
+          rules=_UPCYCLE_RULES),
     Probe("D=5, H=10 into 3 experts, top-3, input (9, D)",
-          lambda: _upcycle_inputs(823, 5, 10, 3, 3, (9,)), _upcycle_run, _upcycle_judge),
+          lambda: _upcycle_inputs(823, 5, 10, 3, 3, (9,)), _upcycle_run, _upcycle_judge,
+          rules=_UPCYCLE_RULES),
 )
-
