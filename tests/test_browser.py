@@ -17,6 +17,7 @@ download is not used.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -156,7 +157,8 @@ def lab_server(tmp_path):
             server.wait(5)
 
 
-def test_routing_explorer_in_jupyterlab(lab_server, tmp_path, record_property, capsys):
+def _sync_playwright():
+    """Playwright's sync API, or a failure that says what to install."""
     if not CHROMIUM.exists():
         pytest.fail("Chromium is missing at /usr/bin/chromium: install it with "
                     "`apt-get install -y chromium` (the browser test needs the system package; "
@@ -166,77 +168,35 @@ def test_routing_explorer_in_jupyterlab(lab_server, tmp_path, record_property, c
     except ImportError:
         pytest.fail("the playwright Python package is missing: install the test extras "
                     "(pip install -e '.[test]')")
-    base, log_path = lab_server
-    shots = {name: tmp_path / f"{name}.png" for name in ("1_rendered", "2_capacity_moved",
-                                                          "3_after_latency", "failure")}
-    page_errors: list[str] = []
+    return sync_playwright
 
-    with sync_playwright() as p:
+
+@contextlib.contextmanager
+def explorer_page(lab_server, notebook: Path, shots: dict[str, Path]):
+    """A Chromium page on `notebook` in the lab with all its cells run, the widget's figure
+    decoded and nothing on stderr; yields (page, page errors). On a failure a screenshot is
+    saved to shots["failure"] and its path printed with the server's log."""
+    base, log_path = lab_server
+    with _sync_playwright()() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
                                     args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.on("pageerror", lambda e: page_errors.append(str(e)))
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        idle = ".jp-Notebook-ExecutionIndicator[data-status='idle']"
         try:
-            page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={TOKEN}",
+            page.goto(f"{base}/lab/tree/{notebook.name}?token={TOKEN}",
                       wait_until="domcontentloaded")
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
-                                   timeout=60_000)
+            page.wait_for_selector(idle, timeout=60_000)
             run_all_cells(page)
-
-            # the widget renders: 7 sliders, the router dropdown, a decoded figure, numbers
             page.wait_for_selector(IMG, timeout=120_000)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
-                                   timeout=60_000)
+            page.wait_for_selector(idle, timeout=60_000)
             page.wait_for_function(f"() => document.querySelector('{IMG}').naturalWidth > 0",
                                    timeout=30_000)
-            assert page.locator(".jp-OutputArea-output .widget-slider").count() == 7
-            assert page.locator(".jp-OutputArea-output .widget-dropdown").count() == 1
             assert page.locator(".jp-OutputArea-output .jp-RenderedText[data-mime-type="
                                 "'application/vnd.jupyter.stderr']").count() == 0
-            numbers = page.locator(".jp-OutputArea-output .widget-html").last
-            assert "capacity C = 8" in numbers.inner_text()
-            width = page.evaluate(f"() => document.querySelector('{IMG}').naturalWidth")
-            assert width == 800  # 10 in x 80 dpi
-            page.screenshot(path=str(shots["1_rendered"]))
-
-            # capacity factor 1.0 -> 0.75: C = ceil(2 * 32 * 0.75 / 8) = 6
-            src = page.locator(IMG).get_attribute("src")
-            handle = slider_handle(page, "capacity factor")
-            handle.focus()
-            handle.press("ArrowLeft")
-            page.wait_for_function(
-                "([sel, before]) => document.querySelector(sel).getAttribute('src') !== before",
-                arg=[IMG, src], timeout=30_000)
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('.widget-html')]"
-                ".some(e => e.innerText.includes('capacity C = 6'))", timeout=30_000)
-            assert slider_readout(page, "capacity factor") == "0.75"
-            page.wait_for_function(f"() => document.querySelector('{IMG}').naturalWidth > 0")
-            page.screenshot(path=str(shots["2_capacity_moved"]))
-
-            # latency of one slider change: keydown -> new image src, in the page's clock
-            page.evaluate(
-                """(sel) => {
-                    const img = document.querySelector(sel);
-                    window.__keys = []; window.__srcs = [];
-                    document.addEventListener(
-                        'keydown', () => window.__keys.push(performance.now()), true);
-                    new MutationObserver(() => window.__srcs.push(performance.now()))
-                        .observe(img, {attributes: true, attributeFilter: ['src']});
-                }""", IMG)
-            seed = slider_handle(page, "seed")
-            seed.focus()
-            for i in range(LATENCY_PRESSES):
-                page.keyboard.press("ArrowRight")
-                page.wait_for_function(f"() => window.__srcs.length >= {i + 1}",
-                                       timeout=30_000)
-                page.wait_for_timeout(150)
-            keys = page.evaluate("() => window.__keys")
-            srcs = page.evaluate("() => window.__srcs")
-            assert slider_readout(page, "seed") == str(LATENCY_PRESSES)
-            assert len(srcs) == LATENCY_PRESSES  # one new figure per press, no more
-            page.screenshot(path=str(shots["3_after_latency"]))
+            yield page, errors
         except Exception:
             page.screenshot(path=str(shots["failure"]))
             print(f"failure screenshot: {shots['failure']}\nserver log: {log_path}")
@@ -244,87 +204,98 @@ def test_routing_explorer_in_jupyterlab(lab_server, tmp_path, record_property, c
         finally:
             browser.close()
 
+
+def time_presses(page, handle, key: str, presses: int) -> list[float]:
+    """Press `key` on a slider's `handle` `presses` times, waiting for each new figure; the
+    latency of each press in ms (key down to new image src, in the page's own clock). One
+    new figure per press, no more."""
+    page.evaluate(
+        """(sel) => {
+            const img = document.querySelector(sel);
+            window.__keys = []; window.__srcs = [];
+            document.addEventListener(
+                'keydown', () => window.__keys.push(performance.now()), true);
+            new MutationObserver(() => window.__srcs.push(performance.now()))
+                .observe(img, {attributes: true, attributeFilter: ['src']});
+        }""", IMG)
+    handle.focus()
+    for i in range(presses):
+        page.keyboard.press(key)
+        page.wait_for_function(f"() => window.__srcs.length >= {i + 1}", timeout=30_000)
+        page.wait_for_timeout(150)
+    keys = page.evaluate("() => window.__keys")
+    srcs = page.evaluate("() => window.__srcs")
+    assert len(srcs) == presses, (keys, srcs)
     latencies = [s - k for k, s in zip(keys, srcs, strict=True)]
-    median = statistics.median(latencies)
-    record_property("slider_latency_ms_median", round(median, 1))
-    record_property("slider_latency_ms", [round(x, 1) for x in latencies])
+    assert all(x > 0 for x in latencies), latencies
+    return latencies
+
+
+def report_latency(what: str, latencies: list[float], shots: dict[str, Path], errors: list[str],
+                   capsys) -> None:
     with capsys.disabled():
-        print(f"\nRoutingExplorer slider latency (key press -> new figure), {LATENCY_PRESSES} "
-              f"presses: median {median:.0f} ms, all {[round(x) for x in latencies]} ms "
-              f"(goal < 300 ms)")
-        for name in ("1_rendered", "2_capacity_moved", "3_after_latency"):
-            print(f"screenshot {name}: {shots[name]}")
-        if page_errors:
-            print("page errors:", *page_errors, sep="\n  ")
-    assert all(x > 0 for x in latencies)
+        print(f"\n{what} slider latency (key press -> new figure), {len(latencies)} presses: "
+              f"median {statistics.median(latencies):.0f} ms, all "
+              f"{[round(x) for x in latencies]} ms")
+        for name, path in shots.items():
+            if name != "failure":
+                print(f"screenshot {name}: {path}")
+        if errors:
+            print("page errors:", *errors, sep="\n  ")
+
+
+def test_routing_explorer_in_jupyterlab(lab_server, tmp_path, record_property, capsys):
+    shots = {name: tmp_path / f"{name}.png" for name in ("1_rendered", "2_capacity_moved",
+                                                          "3_after_latency", "failure")}
+    with explorer_page(lab_server, NOTEBOOK, shots) as (page, errors):
+        # the widget renders: 7 sliders, the router dropdown, a decoded figure, numbers
+        assert page.locator(".jp-OutputArea-output .widget-slider").count() == 7
+        assert page.locator(".jp-OutputArea-output .widget-dropdown").count() == 1
+        numbers = page.locator(".jp-OutputArea-output .widget-html").last
+        assert "capacity C = 8" in numbers.inner_text()
+        width = page.evaluate(f"() => document.querySelector('{IMG}').naturalWidth")
+        assert width == 800  # 10 in x 80 dpi
+        page.screenshot(path=str(shots["1_rendered"]))
+
+        # capacity factor 1.0 -> 0.75: C = ceil(2 * 32 * 0.75 / 8) = 6
+        src = page.locator(IMG).get_attribute("src")
+        handle = slider_handle(page, "capacity factor")
+        handle.focus()
+        handle.press("ArrowLeft")
+        page.wait_for_function(
+            "([sel, before]) => document.querySelector(sel).getAttribute('src') !== before",
+            arg=[IMG, src], timeout=30_000)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.widget-html')]"
+            ".some(e => e.innerText.includes('capacity C = 6'))", timeout=30_000)
+        assert slider_readout(page, "capacity factor") == "0.75"
+        page.wait_for_function(f"() => document.querySelector('{IMG}').naturalWidth > 0")
+        page.screenshot(path=str(shots["2_capacity_moved"]))
+
+        latencies = time_presses(page, slider_handle(page, "seed"), "ArrowRight",
+                                 LATENCY_PRESSES)
+        assert slider_readout(page, "seed") == str(LATENCY_PRESSES)
+        page.screenshot(path=str(shots["3_after_latency"]))
+
+    record_property("slider_latency_ms_median", round(statistics.median(latencies), 1))
+    record_property("slider_latency_ms", [round(x, 1) for x in latencies])
+    report_latency("RoutingExplorer (goal < 300 ms)", latencies, shots, errors, capsys)
 
 
 def test_cache_explorer_in_jupyterlab(lab_server, tmp_path, record_property, capsys):
     """Notebook 08's CacheExplorer: renders, follows its cache-size slider, one new figure
     per key press; the latency of a press is printed and recorded, never asserted."""
-    if not CHROMIUM.exists():
-        pytest.fail("Chromium is missing at /usr/bin/chromium: install it with "
-                    "`apt-get install -y chromium`")
-    from playwright.sync_api import sync_playwright
-
-    base, log_path = lab_server
     shots = {name: tmp_path / f"cache_{name}.png" for name in ("1_rendered", "2_after_latency",
                                                                 "failure")}
     presses = 5  # cache size 5 -> 0, one step per press
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        try:
-            page.goto(f"{base}/lab/tree/{CACHE_NOTEBOOK.name}?token={TOKEN}",
-                      wait_until="domcontentloaded")
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
-                                   timeout=60_000)
-            run_all_cells(page)
-            page.wait_for_selector(IMG, timeout=120_000)
-            page.wait_for_function(f"() => document.querySelector('{IMG}').naturalWidth > 0",
-                                   timeout=30_000)
-            assert page.locator(".jp-OutputArea-output .widget-slider").count() == 1
-            assert page.locator(".jp-OutputArea-output .widget-dropdown").count() == 2
-            assert page.locator(".jp-OutputArea-output .jp-RenderedText[data-mime-type="
-                                "'application/vnd.jupyter.stderr']").count() == 0
-            assert slider_readout(page, "cache size") == "5"
-            page.screenshot(path=str(shots["1_rendered"]))
-            page.evaluate(
-                """(sel) => {
-                    const img = document.querySelector(sel);
-                    window.__keys = []; window.__srcs = [];
-                    document.addEventListener(
-                        'keydown', () => window.__keys.push(performance.now()), true);
-                    new MutationObserver(() => window.__srcs.push(performance.now()))
-                        .observe(img, {attributes: true, attributeFilter: ['src']});
-                }""", IMG)
-            handle = slider_handle(page, "cache size")
-            handle.focus()
-            for i in range(presses):
-                page.keyboard.press("ArrowLeft")
-                page.wait_for_function(f"() => window.__srcs.length >= {i + 1}",
-                                       timeout=30_000)
-                page.wait_for_timeout(150)
-            keys = page.evaluate("() => window.__keys")
-            srcs = page.evaluate("() => window.__srcs")
-            assert slider_readout(page, "cache size") == "0"
-            assert len(srcs) == presses  # one new figure per press, no more
-            page.screenshot(path=str(shots["2_after_latency"]))
-        except Exception:
-            page.screenshot(path=str(shots["failure"]))
-            print(f"failure screenshot: {shots['failure']}\nserver log: {log_path}")
-            raise
-        finally:
-            browser.close()
+    with explorer_page(lab_server, CACHE_NOTEBOOK, shots) as (page, errors):
+        assert page.locator(".jp-OutputArea-output .widget-slider").count() == 1
+        assert page.locator(".jp-OutputArea-output .widget-dropdown").count() == 2
+        assert slider_readout(page, "cache size") == "5"
+        page.screenshot(path=str(shots["1_rendered"]))
+        latencies = time_presses(page, slider_handle(page, "cache size"), "ArrowLeft", presses)
+        assert slider_readout(page, "cache size") == "0"
+        page.screenshot(path=str(shots["2_after_latency"]))
 
-    latencies = [s - k for k, s in zip(keys, srcs, strict=True)]
-    median = statistics.median(latencies)
-    record_property("cache_slider_latency_ms_median", round(median, 1))
-    with capsys.disabled():
-        print(f"\nCacheExplorer slider latency (key press -> new figure), {presses} presses: "
-              f"median {median:.0f} ms, all {[round(x) for x in latencies]} ms")
-        for name in ("1_rendered", "2_after_latency"):
-            print(f"screenshot {name}: {shots[name]}")
-    assert all(x > 0 for x in latencies)
+    record_property("cache_slider_latency_ms_median", round(statistics.median(latencies), 1))
+    report_latency("CacheExplorer", latencies, shots, errors, capsys)

@@ -9,22 +9,17 @@ from __future__ import annotations
 
 import html
 import io
-import os
 from typing import Any
 
 from matplotlib.figure import Figure
 
+# Under grading (`fast_mode()`: nbgrader or `moe-course grade` runs the notebook) widgets
+# build no ipywidgets and run nothing interactive: they show a static figure.
+from ..train import fast_mode
+
 DPI = 80  # figure resolution: small PNGs keep a slider change fast
 ERROR_COLOR = "#b00020"
 
-
-
-def fast_mode() -> bool:
-    """True under grading (`NBGRADER_EXECUTION` or `MOE_COURSE_GRADING` set).
-
-    Widgets then build no ipywidgets and run nothing interactive: they show a static figure.
-    """
-    return bool(os.environ.get("NBGRADER_EXECUTION") or os.environ.get("MOE_COURSE_GRADING"))
 
 
 def _png(fig: Figure) -> bytes:
