@@ -147,8 +147,15 @@ def lru_hit_mask(trace: Tensor, capacity: int) -> Tensor:
     return torch.tensor(hits, dtype=torch.bool).reshape(trace.shape)
 
 
-def _next_uses(accesses: list[int]) -> list[float]:
-    """For each access, the position of the next access to the same expert (inf if none)."""
+def next_uses(accesses: list[int]) -> list[float]:
+    """For each access, the position of the next access to the same expert (inf if none).
+
+    The look-ahead of every offline cache policy (Belady's optimum and the checks' wrong
+    variants of it).
+
+    >>> next_uses([3, 1, 3, 2, 1])
+    [2, 4, inf, inf, inf]
+    """
     nxt: list[float] = [math.inf] * len(accesses)
     seen: dict[int, int] = {}
     for pos in range(len(accesses) - 1, -1, -1):
@@ -172,7 +179,7 @@ def optimal_hit_mask(trace: Tensor, capacity: int) -> Tensor:
     [[0, 0], [0, 1], [1, 1]]
     """
     accesses, c = _trace(trace), _capacity(capacity)
-    nxt = _next_uses(accesses)
+    nxt = next_uses(accesses)
     cache: dict[int, float] = {}  # expert -> position of its next use
     hits = []
     for pos, expert in enumerate(accesses):

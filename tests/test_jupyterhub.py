@@ -51,6 +51,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from test_browser import CHROMIUM, CHROMIUM_ARGS  # one browser recipe for both
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -58,10 +59,6 @@ REPO = Path(__file__).resolve().parents[1]
 ASSIGNMENT = "01_experts_and_gating"
 NOTEBOOK = "experts_and_gating"
 SOURCE = REPO / "solutions" / ASSIGNMENT / f"{NOTEBOOK}.ipynb"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--headless", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-dev-shm-usage"]
 PASSWORD = "moe-course-" + secrets.token_hex(4)
 WRITTEN_POINTS = {"A": 1, "B": 0.5, "C": 0}  # given by hand in the formgrader
 # the wrong answer of student B: a softmax over tokens instead of over experts

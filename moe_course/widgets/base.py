@@ -98,6 +98,35 @@ class _PngDisplay(_StaticDisplay):
     def _repr_png_(self) -> bytes:
         return self._png_cache if self._png_cache is not None else self._render()
 
+    def _mount(self) -> None:
+        """The widget: `self.controls` in a row above an error line and the figure, drawn
+        now and redrawn by `_on_change` whenever a control changes."""
+        import ipywidgets as w
+
+        self.image = w.Image(format="png")
+        self.message = w.HTML(_error_html(self.error) if self.error else "")
+        self.widget = w.VBox([w.HBox(list(self.controls.values())), self.message, self.image])
+        self.image.value = self._render()
+        for control in self.controls.values():
+            control.observe(self._on_change, names="value")
+
+    def _on_change(self, change: dict) -> None:
+        raise NotImplementedError
+
+    def _compute(self) -> None:
+        raise NotImplementedError
+
+    def _redraw(self) -> None:
+        """Recompute from the controls' values and show the new figure; bad values leave
+        the figure as it was and say why in the error line."""
+        try:
+            self._compute()
+        except ValueError as err:
+            self.message.value = _error_html(str(err))
+            return
+        self.message.value = ""
+        self.image.value = self._render()
+
 
 def _interactive(interactive: bool | None) -> bool:
     return (not fast_mode()) if interactive is None else bool(interactive)

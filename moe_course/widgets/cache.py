@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..serving import CACHE_POLICIES, hit_rate_curve
-from .base import DPI, _error_html, _interactive, _message_figure, _PngDisplay
+from .base import DPI, _interactive, _message_figure, _PngDisplay
 
 MAX_TIMELINE_TOKENS = 256  # the timeline shows the first accesses of the trace, at most these
 _HIT_MISS = ListedColormap(["#d62728", "#2ca02c"])  # miss red, hit green
@@ -185,12 +185,7 @@ class CacheExplorer(_PngDisplay):
         self.controls["layer"] = w.Dropdown(options=list(range(self.n_layers)),
                                             value=min(self.layer, self.n_layers - 1),
                                             description="layer")
-        self.image = w.Image(format="png")
-        self.message = w.HTML(_error_html(self.error) if self.error else "")
-        self.widget = w.VBox([w.HBox(list(self.controls.values())), self.message, self.image])
-        self.image.value = self._render()
-        for control in self.controls.values():
-            control.observe(self._on_change, names="value")
+        self._mount()
 
     def _on_change(self, change: dict) -> None:
         if self.error is not None and self.state is None:
@@ -198,10 +193,4 @@ class CacheExplorer(_PngDisplay):
         self.capacity = self.controls["capacity"].value
         self.policy = self.controls["policy"].value
         self.layer = self.controls["layer"].value
-        try:
-            self._compute()
-        except ValueError as err:
-            self.message.value = _error_html(str(err))
-            return
-        self.message.value = ""
-        self.image.value = self._render()
+        self._redraw()

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..losses import cv_squared
-from .base import DPI, _error_html, _interactive, _message_figure, _PngDisplay
+from .base import DPI, _interactive, _message_figure, _PngDisplay
 
 # --------------------------------------------------------------------------------------
 # LoadTimeline
@@ -179,24 +179,13 @@ class LoadTimeline(_PngDisplay):
         self.controls["layer"] = w.Dropdown(options=list(range(self.n_layers)),
                                             value=min(self.layer, self.n_layers - 1),
                                             description="layer")
-        self.image = w.Image(format="png")
-        self.message = w.HTML(_error_html(self.error) if self.error else "")
-        self.widget = w.VBox([w.HBox(list(self.controls.values())), self.message, self.image])
-        self.image.value = self._render()
-        for control in self.controls.values():
-            control.observe(self._on_change, names="value")
+        self._mount()
 
     def _on_change(self, change: dict) -> None:
         if self.error is not None and not self.data:
             return
         self.step = self.controls["step"].value
         self.layer = self.controls["layer"].value
-        try:
-            self._compute()
-        except ValueError as err:
-            self.message.value = _error_html(str(err))
-            return
-        self.message.value = ""
-        self.image.value = self._render()
+        self._redraw()
 
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ...experts import Expert
 from ...layers import MoEFeedForward
+from ...serving import next_uses
 from ..inputs import draw_choice, draw_int, gen
 from ..probe import (
     CheckFailure,
@@ -257,15 +258,6 @@ def _lfu(accesses: list[int], c: int) -> int:
     return n
 
 
-def _next_uses(accesses: list[int]) -> list[float]:
-    nxt: list[float] = [math.inf] * len(accesses)
-    seen: dict[int, int] = {}
-    for pos in range(len(accesses) - 1, -1, -1):
-        nxt[pos] = seen.get(accesses[pos], math.inf)
-        seen[accesses[pos]] = pos
-    return nxt
-
-
 def _key(score: str, cache: dict[int, float], remaining: dict[int, int], e: int,
          new: int) -> tuple[float, bool, int]:
     """Eviction key of a cached expert `e` (largest goes): see `_future_cache`."""
@@ -287,7 +279,7 @@ def _future_cache(score: str, bypass: bool) -> Policy:
     """
 
     def hits(accesses: list[int], c: int) -> int:
-        nxt = _next_uses(accesses)
+        nxt = next_uses(accesses)
         remaining: dict[int, int] = {}
         for expert in accesses:
             remaining[expert] = remaining.get(expert, 0) + 1
@@ -701,32 +693,30 @@ HIDDEN_EXPECTED_EXPERTS_TOUCHED = (
                              *_expected_cases(805)]},
           _expected_run, _expected_judge, rules=(EXPECTED, NO_BATCH, ALL_EXPERTS)),
 )
-VISIBLE_LRU_CACHE_HITS = (
-    Probe("40 tokens, top-2 of 6, capacities 0-4",
-          lambda: _trace_inputs(801, 40, 2, 6, [0, 1, 2, 3, 4]), _cache_run, _LRU_JUDGE,
-          rules=(LRU, ZERO_CAPACITY, NO_MUTATION)),
-)
-HIDDEN_LRU_CACHE_HITS = (
-    Probe("60 tokens, top-1 of 5, capacities 0-5",
-          lambda: _trace_inputs(802, 60, 1, 5, [0, 1, 2, 3, 5]), _cache_run, _LRU_JUDGE,
-          rules=(LRU, ZERO_CAPACITY, NO_MUTATION)),
-    Probe("50 tokens, top-3 of 10, capacities 2-10",
-          lambda: _trace_inputs(803, 50, 3, 10, [2, 4, 5, 7, 10]), _cache_run, _LRU_JUDGE,
-          rules=(LRU, NO_MUTATION)),
-)
-VISIBLE_OPTIMAL_CACHE_HITS = (
-    Probe("40 tokens, top-2 of 6, capacities 0-4",
-          lambda: _trace_inputs(811, 40, 2, 6, [0, 1, 2, 3, 4]), _cache_run, _BELADY_JUDGE,
-          rules=(BELADY, ZERO_CAPACITY, NO_MUTATION)),
-)
-HIDDEN_OPTIMAL_CACHE_HITS = (
-    Probe("60 tokens, top-1 of 5, capacities 0-5",
-          lambda: _trace_inputs(812, 60, 1, 5, [0, 1, 2, 3, 5]), _cache_run, _BELADY_JUDGE,
-          rules=(BELADY, ZERO_CAPACITY, NO_MUTATION)),
-    Probe("50 tokens, top-3 of 10, capacities 2-10",
-          lambda: _trace_inputs(813, 50, 3, 10, [2, 4, 5, 7, 10]), _cache_run, _BELADY_JUDGE,
-          rules=(BELADY, NO_MUTATION)),
-)
+
+
+def _cache_probes(seed: int, judge: Callable, rule: str) -> tuple[tuple[Probe, ...], ...]:
+    """The visible and hidden probes of one cache policy (LRU, or Belady's optimum): traces
+    of the same shapes and capacities for both, drawn from seeds `seed` to `seed + 2`."""
+    visible = (
+        Probe("40 tokens, top-2 of 6, capacities 0-4",
+              lambda: _trace_inputs(seed, 40, 2, 6, [0, 1, 2, 3, 4]), _cache_run, judge,
+              rules=(rule, ZERO_CAPACITY, NO_MUTATION)),
+    )
+    hidden = (
+        Probe("60 tokens, top-1 of 5, capacities 0-5",
+              lambda: _trace_inputs(seed + 1, 60, 1, 5, [0, 1, 2, 3, 5]), _cache_run, judge,
+              rules=(rule, ZERO_CAPACITY, NO_MUTATION)),
+        Probe("50 tokens, top-3 of 10, capacities 2-10",
+              lambda: _trace_inputs(seed + 2, 50, 3, 10, [2, 4, 5, 7, 10]), _cache_run, judge,
+              rules=(rule, NO_MUTATION)),
+    )
+    return visible, hidden
+
+
+VISIBLE_LRU_CACHE_HITS, HIDDEN_LRU_CACHE_HITS = _cache_probes(801, _LRU_JUDGE, LRU)
+VISIBLE_OPTIMAL_CACHE_HITS, HIDDEN_OPTIMAL_CACHE_HITS = _cache_probes(811, _BELADY_JUDGE, BELADY)
+
 VISIBLE_OFFLOAD_TIME_PER_TOKEN = (
     Probe("Mixtral-sized experts over PCIe, and a fractional miss count",
           lambda: {"cases": [[64, 352321536.0, 32e9], [3.5, 1.2e8, 25e9]]}, _offload_run,
