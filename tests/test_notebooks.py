@@ -7,6 +7,8 @@ suite, never skipped). The nbgrader course is built once per session in a tempor
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -89,16 +91,30 @@ def saved_checkpoints():
         code.execution_count = 1
         name = f"{source.stem}-{os.getpid()}-checkpoint.ipynb"  # one per xdist worker
         path = source.parent / ".ipynb_checkpoints" / name
-        path.parent.mkdir(exist_ok=True)
-        nbformat.write(nb, path)
+        with _locked(source.parent):  # another worker may be removing the folder
+            path.parent.mkdir(exist_ok=True)
+            nbformat.write(nb, path)
         planted.append(path)
     yield planted
     for path in planted:
-        path.unlink(missing_ok=True)
-        try:
-            path.parent.rmdir()  # only if nothing else (another worker's, a learner's) is there
-        except OSError:
-            pass
+        with _locked(path.parents[1]):
+            path.unlink(missing_ok=True)
+            try:
+                path.parent.rmdir()  # only if nothing else (another worker's, a learner's) is there
+            except OSError:
+                pass
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """An exclusive lock on `folder` across processes (the xdist workers that plant and
+    remove checkpoints in the same `.ipynb_checkpoints`)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def test_notebook_listings_skip_checkpoints(saved_checkpoints: list[Path], tmp_path: Path) -> None:
