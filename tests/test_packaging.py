@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 
@@ -85,3 +86,17 @@ def test_lab_and_test_pass_their_options_on(monkeypatch) -> None:
     assert str(ROOT / "notebooks") in calls[-1]
     assert cli.main(["test", "-k", "packaging"]) == 0
     assert calls[-1][-2:] == ["-k", "packaging"] and "-n" in calls[-1]
+
+
+@pytest.mark.xdist_group("grouping-probe")
+def test_xdist_groups_reach_the_scheduler(request: pytest.FixtureRequest) -> None:
+    """The suite builds each expensive fixture (the nbgrader courses, the adversarial
+    tables) once, on the one worker its `xdist_group` sends all its tests to. pytest-xdist
+    tells the scheduler a test's group through a `@group` suffix on its node id; with pytest
+    9.2 the suffix is silently lost (pytest-xdist#1386), the groups are spread over every
+    worker, and each worker builds every fixture again. pyproject.toml pins pytest below
+    9.2 for this; under `--dist loadgroup` this test fails if grouping is lost again."""
+    if getattr(request.config.option, "loadgroup", False):  # an xdist worker, loadgroup
+        assert request.node.nodeid.endswith("@grouping-probe"), (
+            f"{request.node.nodeid!r} lost its xdist group: pytest {pytest.__version__} and "
+            "this pytest-xdist do not group tests; see the pin in pyproject.toml")
